@@ -1,0 +1,250 @@
+"""The recording communicator: the only place the paths' collectives are issued.
+
+Each collective is logged with its phase, the payload it was handed, the bytes this rank sends
+to and receives from other ranks under the backend's algorithm (see `wire`), and on gloo the
+bytes the process really wrote to its sockets: the change in `wchar` of /proc/self/io. Only
+sent bytes can be read this way, because gloo receives with recv(2), which Linux does not count
+in `rchar`. Phases are timed by a clock that
+uses CUDA events on GPUs and `time.perf_counter` on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import wire
+
+PROC_IO = "/proc/self/io"
+# dtypes gloo has no kernels for: broadcast, all_gather and all_to_all send their raw bytes instead.
+GLOO_RAW_DTYPES = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)
+)
+
+# torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor; older releases lack the new names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class CommRecord:
+    op: str  # all_reduce, broadcast, all_gather, reduce_scatter, all_to_all_single
+    phase: str  # metadata, dispatch or combine
+    what: str  # tokens, expert_ids, weights, counts, ...
+    dtype: str
+    payload_bytes: int  # bytes of the tensor handed to the collective on this rank
+    sent_bytes: int  # bytes this rank sends to other ranks, for the backend's algorithm
+    recv_bytes: int  # bytes this rank receives from other ranks
+    os_sent_bytes: int | None  # bytes this process wrote during the call (gloo on Linux), else None
+    seconds: float | None  # wall time of the call on CPU; None on CUDA (asynchronous)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_wchar() -> int | None:
+    """Bytes this process has written so far (all threads), or None where /proc/self/io is unavailable."""
+    try:
+        with open(PROC_IO, "rb") as f:
+            text = f.read().decode()
+    except OSError:
+        return None
+    fields = dict(line.split(": ") for line in text.splitlines() if ": " in line)
+    return int(fields["wchar"])
+
+
+class PhaseClock:
+    """Times nested phases; time spent in an inner phase is not counted in the outer one.
+
+    Every phase change closes a segment (phase, start, end). On CUDA the marks are events on
+    the current stream, resolved by `segments()` after one synchronize; on CPU they are
+    `perf_counter` readings.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[str, object, object]] = []
+        self._stack: list[str] = []
+        self._segment_start = None
+        self._origin = None
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        """Reset the marks; times are reported relative to this call."""
+        self._marks.clear()
+        self._origin = self._now()
+
+    @property
+    def current(self) -> str | None:
+        return self._stack[-1] if self._stack else None
+
+    @contextmanager
+    def phase(self, name: str):
+        now = self._now()
+        if self._stack:
+            self._marks.append((self._stack[-1], self._segment_start, now))
+        self._stack.append(name)
+        self._segment_start = now
+        try:
+            yield
+        except BaseException as err:
+            if not hasattr(err, "moe_lab_phase"):
+                err.moe_lab_phase = name  # innermost phase, for the launcher's error message
+            raise
+        finally:
+            now = self._now()
+            self._marks.append((self._stack.pop(), self._segment_start, now))
+            self._segment_start = now
+
+    def segments(self) -> list[tuple[str, float, float]]:
+        """(phase, start s, end s) relative to `start()`, in order."""
+        if self.cuda:
+            torch.cuda.synchronize()  # host sync: resolve the events
+            return [
+                (name, self._origin.elapsed_time(a) / 1e3, self._origin.elapsed_time(b) / 1e3)
+                for name, a, b in self._marks
+            ]
+        return [(name, a - self._origin, b - self._origin) for name, a, b in self._marks]
+
+    def totals(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for name, start, end in self.segments():
+            totals[name] = totals.get(name, 0.0) + (end - start)
+        return totals
+
+
+class RecordingComm:
+    """Wraps one process group; every collective a path issues goes through here."""
+
+    def __init__(self, group=None, device: torch.device | None = None, measure_os: bool = True):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
+        self.device = device or torch.device("cpu")
+        self.measure_os = measure_os and self.backend == "gloo" and read_wchar() is not None
+        self.clock = PhaseClock(self.device)
+        self.records: list[CommRecord] = []
+
+    # -- bookkeeping --------------------------------------------------------------
+
+    def phase(self, name: str):
+        return self.clock.phase(name)
+
+    def reset(self) -> None:
+        self.records.clear()
+        self.clock.start()
+
+    def _sendable(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.backend == "gloo" and tensor.dtype in GLOO_RAW_DTYPES:
+            return tensor.view(torch.uint8)
+        return tensor
+
+    def _run(self, op: str, what: str, tensor: torch.Tensor, wire_bytes: tuple[int, int], call) -> None:
+        before = read_wchar() if self.measure_os else None
+        start = time.perf_counter()
+        call()
+        seconds = None if self.device.type == "cuda" else time.perf_counter() - start
+        after = read_wchar() if self.measure_os else None
+        self.records.append(
+            CommRecord(
+                op=op,
+                phase=self.clock.current or "none",
+                what=what,
+                dtype=str(tensor.dtype).removeprefix("torch."),
+                payload_bytes=tensor.numel() * tensor.element_size(),
+                sent_bytes=wire_bytes[0],
+                recv_bytes=wire_bytes[1],
+                os_sent_bytes=None if before is None else after - before,
+                seconds=seconds,
+            )
+        )
+
+    # -- collectives --------------------------------------------------------------
+
+    def all_reduce(self, tensor: torch.Tensor, what: str = "tokens") -> torch.Tensor:
+        """Sum `tensor` over ranks, in place."""
+        buffer = tensor.contiguous()  # collectives read and write raw storage
+        nbytes = buffer.numel() * buffer.element_size()
+        self._run(
+            "all_reduce", what, buffer,
+            wire.all_reduce_wire(nbytes, self.world_size, self.backend),
+            lambda: dist.all_reduce(buffer, group=self.group),
+        )
+        if buffer is not tensor:
+            tensor.copy_(buffer)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int, what: str = "tokens") -> torch.Tensor:
+        """Copy `tensor` from rank `src` to every rank, in place."""
+        buffer = tensor.contiguous()  # a strided view would send the wrong elements
+        nbytes = buffer.numel() * buffer.element_size()
+        self._run(
+            "broadcast", what, buffer,
+            wire.broadcast_wire(nbytes, self.rank, src, self.world_size, self.backend),
+            lambda: dist.broadcast(self._sendable(buffer), src=src, group=self.group),
+        )
+        if buffer is not tensor:
+            tensor.copy_(buffer)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, what: str = "tokens") -> torch.Tensor:
+        """Stack every rank's `tensor` (same shape on all ranks): (world_size * N, ...)."""
+        out = torch.empty((self.world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        nbytes = tensor.numel() * tensor.element_size()
+        self._run(
+            "all_gather", what, tensor,
+            wire.all_gather_wire(nbytes, self.world_size, self.backend),
+            lambda: _all_gather_single(self._sendable(out), self._sendable(tensor.contiguous()), group=self.group),
+        )
+        return out
+
+    def reduce_scatter(self, tensor: torch.Tensor, what: str = "tokens") -> torch.Tensor:
+        """Sum `tensor` (world_size * N, ...) over ranks and return this rank's block (N, ...)."""
+        if tensor.shape[0] % self.world_size:
+            raise ValueError(
+                f"reduce_scatter needs dim 0 divisible by world_size={self.world_size}, got {tensor.shape[0]}"
+            )
+        out = torch.empty((tensor.shape[0] // self.world_size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        nbytes = tensor.numel() * tensor.element_size()
+        self._run(
+            "reduce_scatter", what, tensor,
+            wire.reduce_scatter_wire(nbytes, self.world_size, self.backend),
+            lambda: _reduce_scatter_single(out, tensor.contiguous(), group=self.group),
+        )
+        return out
+
+    def all_to_all_single(
+        self,
+        tensor: torch.Tensor,
+        input_splits: list[int],
+        output_splits: list[int],
+        what: str = "tokens",
+    ) -> torch.Tensor:
+        """Send input_splits[r] rows of `tensor` to rank r; receive output_splits[r] rows from r."""
+        out = torch.empty((sum(output_splits), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        row_nbytes = math.prod(tensor.shape[1:]) * tensor.element_size()
+        self._run(
+            "all_to_all_single", what, tensor,
+            wire.all_to_all_wire(input_splits, output_splits, row_nbytes, self.rank),
+            lambda: dist.all_to_all_single(
+                self._sendable(out), self._sendable(tensor.contiguous()),
+                output_split_sizes=output_splits, input_split_sizes=input_splits, group=self.group,
+            ),
+        )
+        return out
+
+    def barrier(self) -> None:
+        """Align ranks; not recorded, since it is not part of any path."""
+        dist.barrier(group=self.group)
