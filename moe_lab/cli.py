@@ -110,7 +110,7 @@ def format_table(result) -> str:
     ]
     header = (
         f"{'path':<24}" + "".join(f"{phase:>11}" for phase in COMM_PHASES) + f"{'total':>11}{'OS total':>11} |"
-        + "".join(f"{phase[:7] + ' ms':>11}" for phase in PHASES) + f"{'total ms':>10} |{'error':>9}  check"
+        + "".join(f"{phase + ' ms':>12}" for phase in PHASES) + f"{'total ms':>10} |{'error':>9}  check"
     )
     lines += [header, "-" * len(header)]
     for path in result.paths:
@@ -119,10 +119,18 @@ def format_table(result) -> str:
             f"{path.path:<24}"
             + "".join(f"{human_bytes(row[f'sent_{phase}_bytes']):>11}" for phase in COMM_PHASES)
             + f"{human_bytes(row['sent_total_bytes']):>11}{human_bytes(row['os_sent_total_bytes']):>11} |"
-            + "".join(f"{row[f'{phase}_ms']:>11.2f}" for phase in PHASES)
+            + "".join(f"{row[f'{phase}_ms']:>12.2f}" for phase in PHASES)
             + f"{row['total_ms']:>10.2f} |{row['rel_error']:>9.1e}  {'ok' if path.passed else 'FAIL'}"
         )
-    lines += ["", f"wall time: {result.wall_seconds:.1f} s for the ranks, {result.reference_seconds:.1f} s for the reference"]
+    shares = ", ".join(
+        f"{path.path} {path.wall_seconds:.1f} s ({100 * path.wall_seconds / result.wall_seconds:.0f}%)" for path in result.paths
+    )
+    lines += [
+        "",
+        f"wall time: {result.wall_seconds:.1f} s for the ranks (start-up and weights included), "
+        f"{result.reference_seconds:.1f} s for the reference",
+        f"of which running the paths, warm-up included: {shares}",
+    ]
     return "\n".join(lines)
 
 

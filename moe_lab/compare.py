@@ -42,6 +42,7 @@ class PathResult:
     records: list[list[dict]]  # per rank, the collectives of the last repeat
     timings: list[list[dict[str, float]]]  # per rank, per repeat: seconds per phase
     segments: list[list[tuple[str, float, float]]]  # per rank, the phase timeline of the last repeat
+    wall_seconds: float = 0.0  # warm-up and repeats of this path, slowest rank
     error: float = float("nan")  # max |path - reference| / max |reference| over all ranks
     passed: bool = False
 
@@ -120,6 +121,7 @@ def measure_workload(ctx: RankContext, spec: WorkloadSpec, path_names: tuple[str
         path = get_path(name)
         batch = rank_batch(workload, ctx.rank, path.holds_whole_batch, ctx.device)
         timings = []
+        started = time.perf_counter()
         for repeat in range(warmup + repeats):
             comm.barrier()  # barrier-aligned start, so the slowest rank sets the layer time
             comm.reset()
@@ -135,6 +137,7 @@ def measure_workload(ctx: RankContext, spec: WorkloadSpec, path_names: tuple[str
             "records": [record.to_dict() for record in comm.records],
             "timings": timings,
             "segments": comm.clock.segments(),
+            "seconds": time.perf_counter() - started,  # warm-up and repeats, wall time on this rank
         }
     return {"backend": ctx.backend, "paths": measured}
 
@@ -223,6 +226,7 @@ def _assemble(options: CompareOptions, workload: Workload, per_rank: list[dict],
             records=[rank["records"] for rank in measured],
             timings=[rank["timings"] for rank in measured],
             segments=[rank["segments"] for rank in measured],
+            wall_seconds=max(rank["seconds"] for rank in measured),
         )
         check_against_reference(path_result, reference, workload)
         result.paths.append(path_result)

@@ -1,0 +1,58 @@
+"""The routing cases in tests/cases (inputs that broke real MoE systems) on every path."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_lab.bytes_model import token_bytes_sent
+from moe_lab.compare import TOLERANCE
+from moe_lab.paths import PATHS
+
+from conftest import CASE_FILES
+
+CASES = [path.stem for path in CASE_FILES]
+
+
+def test_cases_present():
+    assert len(CASES) >= 10
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_case_matches_reference(case_results, case, path):
+    result = case_results[case]
+    path_result = next(p for p in result.paths if p.path == path)
+    assert path_result.error <= TOLERANCE[result.workload.dtype], f"error {path_result.error:.3g}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_case_ends_within_a_minute(case_results, case):
+    assert case_results[case].wall_seconds < 60
+
+
+def test_local_experts_only_moves_no_tokens(case_results):
+    result = case_results["local_experts_only"]
+    alltoall = next(p for p in result.paths if p.path == "alltoall")
+    for records in alltoall.records:
+        assert token_bytes_sent(records) == 0
+    allreduce = next(p for p in result.paths if p.path == "allreduce")
+    tokens = sum(result.workload.tokens_per_rank)
+    row_bytes = result.workload.cfg.hidden * 4
+    for records in allreduce.records:
+        assert token_bytes_sent(records) == tokens * row_bytes  # 2 ranks: a ring sends the whole buffer once
+
+
+def test_rank_gets_no_tokens_sends_none_to_rank_1(case_results):
+    alltoall = next(p for p in case_results["rank_gets_no_tokens"].paths if p.path == "alltoall")
+    rank0_dispatch = [r for r in alltoall.records[0] if r["what"] == "tokens" and r["phase"] == "dispatch"]
+    rank1_combine = [r for r in alltoall.records[1] if r["what"] == "tokens" and r["phase"] == "combine"]
+    assert sum(r["sent_bytes"] for r in rank0_dispatch) == 0
+    assert sum(r["sent_bytes"] for r in rank1_combine) == 0
+
+
+def test_int32_ids_sent_as_int32(case_results):
+    alltoall = next(p for p in case_results["int32_ids_bfloat16_tokens"].paths if p.path == "alltoall")
+    id_records = [r for r in alltoall.records[0] if r["what"] == "expert_ids"]
+    assert id_records and all(r["dtype"] == "int32" for r in id_records)
+    token_records = [r for r in alltoall.records[0] if r["what"] == "tokens"]
+    assert all(r["dtype"] == "bfloat16" for r in token_records)
