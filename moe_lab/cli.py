@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from .compare import COMM_PHASES, PHASES, TOLERANCE, CompareOptions, run_compare
+from .compare import COMM_PHASES, DISPATCH_TOLERANCE, PHASES, TOLERANCE, CompareOptions, run_compare
 from .config import PRESETS
 from .errors import InputError
 from .launch import BACKENDS, DEFAULT_TIMEOUT_S, RankError, under_torchrun
-from .paths import PATHS
+from .paths import DISPATCH_DTYPES, PATHS
 from .results import path_row, result_json, result_metadata, rows_csv, write_atomic
 from .routing import PLACEMENTS, ROUTINGS
 from .workload import DTYPES, WorkloadSpec
@@ -65,6 +65,12 @@ def add_compare_parser(subparsers) -> None:
     parser.add_argument("--dtype", default=None, help=f"dtype of tokens and weights: {', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--backend", default="auto", help=f"{', '.join(BACKENDS)}; auto picks nccl with one GPU per rank, else gloo (default: %(default)s)")
     parser.add_argument("--paths", type=parse_paths, default=tuple(PATHS), help=f"comma-separated paths (default: {','.join(PATHS)})")
+    parser.add_argument("--dispatch-dtype", type=parse_paths, default=(),
+                        help=f"also run each path that dispatches tokens with tokens sent as {' or '.join(DISPATCH_DTYPES)} "
+                        "(comma-separated; fp8 is e4m3 with one scale per token per 128 channels, results return in bfloat16)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="also run each path that dispatches tokens with communication overlapped with compute")
+    parser.add_argument("--chunks", type=int, default=2, help="with --overlap: chunks each rank's tokens are split into (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per path, after warm-up (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per path before the repeats (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="seed for weights, tokens and synthetic routing (default: 0)")
@@ -105,18 +111,20 @@ def format_table(result) -> str:
         f"routing {workload.source}, {workload.placement.kind} placement, tokens per rank {workload.tokens_per_rank}",
         f"bytes: sent by one rank to the others (largest rank); OS = bytes written to sockets (gloo only)",
         f"times: median over {result.options.repeats} repeats after {result.options.warmup} warm-up, slowest rank; "
-        f"error: max |path - reference| / max |reference|, tolerance {TOLERANCE[workload.dtype]:g}",
+        f"error: max |path - reference| / max |reference|, tolerance {TOLERANCE[workload.dtype]:g}"
+        + "".join(f", {dtype} dispatch {DISPATCH_TOLERANCE[dtype]:g}" for dtype in result.options.dispatch_dtypes),
         "",
     ]
+    width = max(24, *(len(path.path) + 2 for path in result.paths))
     header = (
-        f"{'path':<24}" + "".join(f"{phase:>11}" for phase in COMM_PHASES) + f"{'total':>11}{'OS total':>11} |"
+        f"{'path':<{width}}" + "".join(f"{phase:>11}" for phase in COMM_PHASES) + f"{'total':>11}{'OS total':>11} |"
         + "".join(f"{phase + ' ms':>12}" for phase in PHASES) + f"{'total ms':>10} |{'error':>9}  check"
     )
     lines += [header, "-" * len(header)]
     for path in result.paths:
         row = path_row(result, path)
         lines.append(
-            f"{path.path:<24}"
+            f"{path.path:<{width}}"
             + "".join(f"{human_bytes(row[f'sent_{phase}_bytes']):>11}" for phase in COMM_PHASES)
             + f"{human_bytes(row['sent_total_bytes']):>11}{human_bytes(row['os_sent_total_bytes']):>11} |"
             + "".join(f"{row[f'{phase}_ms']:>12.2f}" for phase in PHASES)
@@ -159,6 +167,7 @@ def cmd_compare(args) -> int:
     options = CompareOptions(
         spec=spec, paths=args.paths, repeats=args.repeats, warmup=args.warmup,
         backend=args.backend, timeout_s=args.timeout,
+        dispatch_dtypes=args.dispatch_dtype, overlap=args.overlap, chunks=args.chunks,
     )
     if under_torchrun():
         from .compare import run_compare_torchrun
@@ -178,7 +187,7 @@ def cmd_compare(args) -> int:
         print(f"saved {csv_path} and {json_path}")
     failed = [path.path for path in result.paths if not path.passed]
     if failed:
-        print(f"moe_lab: error: {', '.join(failed)} did not match the reference within {TOLERANCE[result.workload.dtype]:g}", file=sys.stderr)
+        print(f"moe_lab: error: {', '.join(failed)} did not match the reference within tolerance", file=sys.stderr)
         return 1
     return 0
 

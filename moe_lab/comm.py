@@ -136,6 +136,7 @@ class RecordingComm:
         self.measure_os = measure_os and self.backend == "gloo" and read_wchar() is not None
         self.clock = PhaseClock(self.device)
         self.records: list[CommRecord] = []
+        self._in_flight: list[tuple[object, object]] = []  # (work handle, callback) of async collectives
 
     # -- bookkeeping --------------------------------------------------------------
 
@@ -143,6 +144,8 @@ class RecordingComm:
         return self.clock.phase(name)
 
     def reset(self) -> None:
+        if self._in_flight:
+            raise RuntimeError(f"{len(self._in_flight)} asynchronous collectives were never waited for")
         self.records.clear()
         self.clock.start()
 
@@ -151,77 +154,101 @@ class RecordingComm:
             return tensor.view(torch.uint8)
         return tensor
 
-    def _run(self, op: str, what: str, tensor: torch.Tensor, wire_bytes: tuple[int, int], call) -> None:
+    def _run(self, op: str, what: str, tensor: torch.Tensor, wire_bytes: tuple[int, int], call, async_op: bool, after=None) -> None:
+        """Issue `call(async_op)` and record it; `after` runs once the result is in place.
+
+        An asynchronous call is recorded when issued, without OS bytes or seconds, because
+        its bytes leave while other work runs; `wait_all` completes it.
+        """
+        record = CommRecord(
+            op=op,
+            phase=self.clock.current or "none",
+            what=what,
+            dtype=str(tensor.dtype).removeprefix("torch."),
+            payload_bytes=tensor.numel() * tensor.element_size(),
+            sent_bytes=wire_bytes[0],
+            recv_bytes=wire_bytes[1],
+            os_sent_bytes=None,
+            seconds=None,
+        )
+        self.records.append(record)
+        if async_op:
+            self._in_flight.append((call(True), after))
+            return
         before = read_wchar() if self.measure_os else None
         start = time.perf_counter()
-        call()
-        seconds = None if self.device.type == "cuda" else time.perf_counter() - start
-        after = read_wchar() if self.measure_os else None
-        self.records.append(
-            CommRecord(
-                op=op,
-                phase=self.clock.current or "none",
-                what=what,
-                dtype=str(tensor.dtype).removeprefix("torch."),
-                payload_bytes=tensor.numel() * tensor.element_size(),
-                sent_bytes=wire_bytes[0],
-                recv_bytes=wire_bytes[1],
-                os_sent_bytes=None if before is None else after - before,
-                seconds=seconds,
-            )
-        )
+        call(False)
+        if self.device.type != "cuda":
+            record.seconds = time.perf_counter() - start
+        if before is not None:
+            record.os_sent_bytes = read_wchar() - before
+        if after is not None:
+            after()
+
+    def wait_all(self) -> None:
+        """Wait for every asynchronous collective issued so far."""
+        in_flight, self._in_flight = self._in_flight, []
+        for work, after in in_flight:
+            work.wait()
+            if after is not None:
+                after()
 
     # -- collectives --------------------------------------------------------------
+    # Each returns its output tensor at once. With async_op=True the tensor is valid only after
+    # `wait_all()`; with NCCL the collective then runs on NCCL's own stream while the default
+    # stream computes.
 
-    def all_reduce(self, tensor: torch.Tensor, what: str = "tokens") -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, what: str = "tokens", async_op: bool = False) -> torch.Tensor:
         """Sum `tensor` over ranks, in place."""
         buffer = tensor.contiguous()  # collectives read and write raw storage
         nbytes = buffer.numel() * buffer.element_size()
         self._run(
             "all_reduce", what, buffer,
             wire.all_reduce_wire(nbytes, self.world_size, self.backend),
-            lambda: dist.all_reduce(buffer, group=self.group),
+            lambda async_op: dist.all_reduce(buffer, group=self.group, async_op=async_op),
+            async_op, after=None if buffer is tensor else lambda: tensor.copy_(buffer),
         )
-        if buffer is not tensor:
-            tensor.copy_(buffer)
         return tensor
 
-    def broadcast(self, tensor: torch.Tensor, src: int, what: str = "tokens") -> torch.Tensor:
+    def broadcast(self, tensor: torch.Tensor, src: int, what: str = "tokens", async_op: bool = False) -> torch.Tensor:
         """Copy `tensor` from rank `src` to every rank, in place."""
         buffer = tensor.contiguous()  # a strided view would send the wrong elements
         nbytes = buffer.numel() * buffer.element_size()
         self._run(
             "broadcast", what, buffer,
             wire.broadcast_wire(nbytes, self.rank, src, self.world_size, self.backend),
-            lambda: dist.broadcast(self._sendable(buffer), src=src, group=self.group),
+            lambda async_op: dist.broadcast(self._sendable(buffer), src=src, group=self.group, async_op=async_op),
+            async_op, after=None if buffer is tensor else lambda: tensor.copy_(buffer),
         )
-        if buffer is not tensor:
-            tensor.copy_(buffer)
         return tensor
 
-    def all_gather(self, tensor: torch.Tensor, what: str = "tokens") -> torch.Tensor:
+    def all_gather(self, tensor: torch.Tensor, what: str = "tokens", async_op: bool = False) -> torch.Tensor:
         """Stack every rank's `tensor` (same shape on all ranks): (world_size * N, ...)."""
         out = torch.empty((self.world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-        nbytes = tensor.numel() * tensor.element_size()
+        source = tensor.contiguous()
+        nbytes = source.numel() * source.element_size()
         self._run(
-            "all_gather", what, tensor,
+            "all_gather", what, source,
             wire.all_gather_wire(nbytes, self.world_size, self.backend),
-            lambda: _all_gather_single(self._sendable(out), self._sendable(tensor.contiguous()), group=self.group),
+            lambda async_op: _all_gather_single(self._sendable(out), self._sendable(source), group=self.group, async_op=async_op),
+            async_op,
         )
         return out
 
-    def reduce_scatter(self, tensor: torch.Tensor, what: str = "tokens") -> torch.Tensor:
+    def reduce_scatter(self, tensor: torch.Tensor, what: str = "tokens", async_op: bool = False) -> torch.Tensor:
         """Sum `tensor` (world_size * N, ...) over ranks and return this rank's block (N, ...)."""
         if tensor.shape[0] % self.world_size:
             raise ValueError(
                 f"reduce_scatter needs dim 0 divisible by world_size={self.world_size}, got {tensor.shape[0]}"
             )
         out = torch.empty((tensor.shape[0] // self.world_size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-        nbytes = tensor.numel() * tensor.element_size()
+        source = tensor.contiguous()
+        nbytes = source.numel() * source.element_size()
         self._run(
-            "reduce_scatter", what, tensor,
+            "reduce_scatter", what, source,
             wire.reduce_scatter_wire(nbytes, self.world_size, self.backend),
-            lambda: _reduce_scatter_single(out, tensor.contiguous(), group=self.group),
+            lambda async_op: _reduce_scatter_single(out, source, group=self.group, async_op=async_op),
+            async_op,
         )
         return out
 
@@ -231,17 +258,21 @@ class RecordingComm:
         input_splits: list[int],
         output_splits: list[int],
         what: str = "tokens",
+        async_op: bool = False,
     ) -> torch.Tensor:
         """Send input_splits[r] rows of `tensor` to rank r; receive output_splits[r] rows from r."""
         out = torch.empty((sum(output_splits), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        source = tensor.contiguous()
         row_nbytes = math.prod(tensor.shape[1:]) * tensor.element_size()
         self._run(
-            "all_to_all_single", what, tensor,
+            "all_to_all_single", what, source,
             wire.all_to_all_wire(input_splits, output_splits, row_nbytes, self.rank),
-            lambda: dist.all_to_all_single(
-                self._sendable(out), self._sendable(tensor.contiguous()),
+            lambda async_op: dist.all_to_all_single(
+                self._sendable(out), self._sendable(source),
                 output_split_sizes=output_splits, input_split_sizes=input_splits, group=self.group,
+                async_op=async_op,
             ),
+            async_op,
         )
         return out
 

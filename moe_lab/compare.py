@@ -13,7 +13,7 @@ from .comm import RecordingComm
 from .errors import InputError
 from .launch import DEFAULT_TIMEOUT_S, RankContext, resolve_backend, run_ranks, run_torchrun_rank
 from .moe import init_experts, init_shared_experts, reference_forward
-from .paths import PATHS, LocalLayer, RankBatch, get_path, moe_forward
+from .paths import DISPATCH_DTYPES, PATHS, LocalLayer, PathOptions, RankBatch, get_path, moe_forward
 from .workload import Workload, WorkloadSpec, build_workload
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,28 @@ PHASES = ("metadata", "dispatch", "compute", "combine")
 COMM_PHASES = ("metadata", "dispatch", "combine")
 # Largest allowed max|path - reference| / max|reference| per dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# Compressed dispatch rounds the tokens on the wire, and results come back in bfloat16. e4m3 keeps
+# 3 mantissa bits, so each element may be off by 1/16 of its value; the fp8 bound allows twice
+# that, since a narrow expert can amplify it (hidden 16 with one token reaches 0.077).
+DISPATCH_TOLERANCE = {"bfloat16": 2e-2, "fp8": 0.125}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a comparison: a path and how it moves rows."""
+
+    path: str
+    options: PathOptions = PathOptions()
+
+    @property
+    def label(self) -> str:
+        return "+".join([self.path] + ([self.options.label] if self.options.label else []))
+
+
+def tolerance(dtype: torch.dtype, options: PathOptions) -> float:
+    if options.dispatch_dtype is None:
+        return TOLERANCE[dtype]
+    return max(TOLERANCE[dtype], DISPATCH_TOLERANCE[options.dispatch_dtype])
 
 
 @dataclass(frozen=True)
@@ -31,13 +53,30 @@ class CompareOptions:
     repeats: int = 5
     warmup: int = 1
     backend: str = "auto"
+    dispatch_dtypes: tuple[str, ...] = ()  # each adds a variant of every path that dispatches tokens
+    overlap: bool = False  # adds an overlapped variant of every path that dispatches tokens
+    chunks: int = 2  # chunks per rank for overlapped variants
     timeout_s: float = DEFAULT_TIMEOUT_S
     env: tuple[tuple[str, str], ...] = ()  # extra environment variables for the ranks
 
 
+def expand_variants(options: CompareOptions) -> tuple[Variant, ...]:
+    """The plain paths, then their dispatch-dtype and overlap variants, path by path."""
+    variants = []
+    for name in options.paths:
+        path = get_path(name)
+        plain = [Variant(name)]
+        if not path.holds_whole_batch:  # only paths with a dispatch have variants
+            plain += [Variant(name, PathOptions(dispatch_dtype=dtype)) for dtype in options.dispatch_dtypes]
+        variants += plain
+        if options.overlap and not path.holds_whole_batch:
+            variants += [Variant(name, replace(v.options, overlap=True, chunks=options.chunks)) for v in plain]
+    return tuple(variants)
+
+
 @dataclass
 class PathResult:
-    path: str
+    path: str  # variant label, e.g. "alltoall+fp8"
     rank_outputs: list[torch.Tensor]
     records: list[list[dict]]  # per rank, the collectives of the last repeat
     timings: list[list[dict[str, float]]]  # per rank, per repeat: seconds per phase
@@ -45,6 +84,7 @@ class PathResult:
     wall_seconds: float = 0.0  # warm-up and repeats of this path, slowest rank
     error: float = float("nan")  # max |path - reference| / max |reference| over all ranks
     passed: bool = False
+    variant: Variant | None = None
 
     def bytes_by_phase(self, rank: int, key: str = "sent_bytes") -> dict[str, int | None]:
         totals: dict[str, int | None] = {phase: 0 for phase in COMM_PHASES}
@@ -103,13 +143,13 @@ def local_layer(workload: Workload, rank: int, device: torch.device) -> LocalLay
 
 
 def compare_rank(
-    ctx: RankContext, specs: tuple[WorkloadSpec, ...], path_names: tuple[str, ...], repeats: int, warmup: int
+    ctx: RankContext, specs: tuple[WorkloadSpec, ...], variants: tuple[Variant, ...], repeats: int, warmup: int
 ) -> list[dict]:
     """One rank's side of `compare`, for each workload in turn: one launch serves many checks."""
-    return [measure_workload(ctx, spec, path_names, repeats, warmup) for spec in specs]
+    return [measure_workload(ctx, spec, variants, repeats, warmup) for spec in specs]
 
 
-def measure_workload(ctx: RankContext, spec: WorkloadSpec, path_names: tuple[str, ...], repeats: int, warmup: int) -> dict:
+def measure_workload(ctx: RankContext, spec: WorkloadSpec, variants: tuple[Variant, ...], repeats: int, warmup: int) -> dict:
     """Run each path on one workload, warm-up first, and return what this rank measured."""
     workload = build_workload(spec)
     if workload.world_size != ctx.world_size:
@@ -117,8 +157,9 @@ def measure_workload(ctx: RankContext, spec: WorkloadSpec, path_names: tuple[str
     layer = local_layer(workload, ctx.rank, ctx.device)
     comm = RecordingComm(device=ctx.device)
     measured = {}
-    for name in path_names:
-        path = get_path(name)
+    for variant in variants:
+        name = variant.label
+        path = get_path(variant.path)
         batch = rank_batch(workload, ctx.rank, path.holds_whole_batch, ctx.device)
         timings = []
         started = time.perf_counter()
@@ -126,7 +167,7 @@ def measure_workload(ctx: RankContext, spec: WorkloadSpec, path_names: tuple[str
             comm.barrier()  # barrier-aligned start, so the slowest rank sets the layer time
             comm.reset()
             try:
-                output = moe_forward(path, comm, layer, batch)
+                output = moe_forward(path, comm, layer, batch, variant.options)
             except BaseException as err:
                 err.moe_lab_phase = f"{name}/{getattr(err, 'moe_lab_phase', 'setup')}"
                 raise
@@ -163,14 +204,14 @@ def check_against_reference(result: PathResult, reference: torch.Tensor, workloa
     scale = float(reference.float().abs().max()) if reference.numel() else 1.0
     errors = []
     for rank, output in enumerate(result.rank_outputs):
-        if get_path(result.path).holds_whole_batch:
+        if get_path(result.variant.path).holds_whole_batch:
             expected = reference
         else:
             start = workload.token_offset(rank)
             expected = reference[start : start + workload.tokens_per_rank[rank]]
         errors.append(relative_error(output, expected, scale))
     result.error = max(errors) if errors else 0.0
-    result.passed = result.error <= TOLERANCE[workload.dtype]
+    result.passed = result.error <= tolerance(workload.dtype, result.variant.options)
 
 
 def run_compare(options: CompareOptions) -> CompareResult:
@@ -183,8 +224,12 @@ def run_compare_many(specs: list[WorkloadSpec], options: CompareOptions) -> list
 
     `options.spec` is ignored; every other option applies to each workload.
     """
-    for name in options.paths:
-        get_path(name)
+    expand_variants(options)  # rejects unknown paths
+    for dtype in options.dispatch_dtypes:
+        if dtype not in DISPATCH_DTYPES:
+            raise InputError(f"unknown dispatch dtype {dtype!r}; choose from {', '.join(DISPATCH_DTYPES)}")
+    if options.chunks < 1:
+        raise InputError(f"chunks must be >= 1, got {options.chunks}")
     if options.repeats < 1:
         raise InputError(f"repeats must be >= 1, got {options.repeats}")
     if options.warmup < 0:
@@ -198,7 +243,7 @@ def run_compare_many(specs: list[WorkloadSpec], options: CompareOptions) -> list
         started = time.perf_counter()
         per_rank = run_ranks(
             compare_rank,
-            (tuple(specs[i] for i in indices), tuple(options.paths), options.repeats, options.warmup),
+            (tuple(specs[i] for i in indices), expand_variants(options), options.repeats, options.warmup),
             world_size=world_size,
             backend=backend,
             timeout_s=options.timeout_s,
@@ -218,10 +263,12 @@ def _assemble(options: CompareOptions, workload: Workload, per_rank: list[dict],
     reference_seconds = time.perf_counter() - started
 
     result = CompareResult(options, workload, per_rank[0]["backend"], wall_seconds=wall, reference_seconds=reference_seconds)
-    for name in options.paths:
+    for variant in expand_variants(options):
+        name = variant.label
         measured = [rank["paths"][name] for rank in per_rank]
         path_result = PathResult(
             path=name,
+            variant=variant,
             rank_outputs=[rank["output"] for rank in measured],
             records=[rank["records"] for rank in measured],
             timings=[rank["timings"] for rank in measured],
@@ -238,7 +285,7 @@ def run_compare_torchrun(options: CompareOptions) -> CompareResult | None:
     workload = build_workload(options.spec)
     started = time.perf_counter()
     per_rank = run_torchrun_rank(
-        compare_rank, ((options.spec,), tuple(options.paths), options.repeats, options.warmup),
+        compare_rank, ((options.spec,), expand_variants(options), options.repeats, options.warmup),
         backend=options.backend, timeout_s=options.timeout_s,
     )
     if per_rank is None:

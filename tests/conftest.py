@@ -45,11 +45,31 @@ def matrix_results():
     return dict(zip(labels, results))
 
 
+# Every path with every variant: compressed dispatch and overlap.
+ALL_VARIANTS = CompareOptions(repeats=1, warmup=0, dispatch_dtypes=("bfloat16", "fp8"), overlap=True, chunks=3)
+
+VARIANT_SPECS = {
+    "2r-uniform": WorkloadSpec(preset="tiny", tokens=(7, 4), routing="uniform"),
+    "2r-local": WorkloadSpec(preset="tiny", tokens=(5, 5), routing="local", locality=1.0),
+    "3r-idle-round_robin": WorkloadSpec(preset="tiny", world_size=3, tokens=(4, 0, 6), routing="gate", placement="round_robin"),
+    "4r-skewed": WorkloadSpec(preset="tiny", world_size=4, tokens=(2, 5, 1, 3), routing="skewed"),
+    "2r-bfloat16": WorkloadSpec(preset="tiny", tokens=(6, 6), routing="uniform", dtype="bfloat16"),
+}
+
+
+@pytest.fixture(scope="session")
+def variant_results():
+    """label -> CompareResult with every variant of every path."""
+    labels = list(VARIANT_SPECS)
+    results = run_compare_many([VARIANT_SPECS[label] for label in labels], ALL_VARIANTS)
+    return dict(zip(labels, results))
+
+
 @pytest.fixture(scope="session")
 def case_results():
-    """case name -> CompareResult for every file in tests/cases."""
+    """case name -> CompareResult for every file in tests/cases, every variant included."""
     specs = [WorkloadSpec(routing_file=str(path)) for path in CASE_FILES]
-    results = run_compare_many(specs, CompareOptions(repeats=1, warmup=0))
+    results = run_compare_many(specs, ALL_VARIANTS)
     return {path.stem: result for path, result in zip(CASE_FILES, results)}
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from moe_lab.bytes_model import token_bytes_sent
-from moe_lab.compare import TOLERANCE
-from moe_lab.paths import PATHS
+from moe_lab.compare import expand_variants, tolerance
 
-from conftest import CASE_FILES
+from conftest import ALL_VARIANTS, CASE_FILES
 
 CASES = [path.stem for path in CASE_FILES]
+VARIANTS = [variant.label for variant in expand_variants(ALL_VARIANTS)]
 
 
 def test_cases_present():
@@ -18,11 +18,12 @@ def test_cases_present():
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("path", list(PATHS))
-def test_case_matches_reference(case_results, case, path):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_case_matches_reference(case_results, case, variant):
     result = case_results[case]
-    path_result = next(p for p in result.paths if p.path == path)
-    assert path_result.error <= TOLERANCE[result.workload.dtype], f"error {path_result.error:.3g}"
+    path_result = next(p for p in result.paths if p.path == variant)
+    limit = tolerance(result.workload.dtype, path_result.variant.options)
+    assert path_result.error <= limit, f"error {path_result.error:.3g}"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -32,9 +33,10 @@ def test_case_ends_within_a_minute(case_results, case):
 
 def test_local_experts_only_moves_no_tokens(case_results):
     result = case_results["local_experts_only"]
-    alltoall = next(p for p in result.paths if p.path == "alltoall")
-    for records in alltoall.records:
-        assert token_bytes_sent(records) == 0
+    for name in ("alltoall", "alltoall_dedup", "alltoall+fp8", "alltoall_dedup+overlap"):
+        alltoall = next(p for p in result.paths if p.path == name)
+        for records in alltoall.records:
+            assert token_bytes_sent(records) == 0, name
     allreduce = next(p for p in result.paths if p.path == "allreduce")
     tokens = sum(result.workload.tokens_per_rank)
     row_bytes = result.workload.cfg.hidden * 4
@@ -42,12 +44,11 @@ def test_local_experts_only_moves_no_tokens(case_results):
         assert token_bytes_sent(records) == tokens * row_bytes  # 2 ranks: a ring sends the whole buffer once
 
 
-def test_rank_gets_no_tokens_sends_none_to_rank_1(case_results):
-    alltoall = next(p for p in case_results["rank_gets_no_tokens"].paths if p.path == "alltoall")
-    rank0_dispatch = [r for r in alltoall.records[0] if r["what"] == "tokens" and r["phase"] == "dispatch"]
-    rank1_combine = [r for r in alltoall.records[1] if r["what"] == "tokens" and r["phase"] == "combine"]
-    assert sum(r["sent_bytes"] for r in rank0_dispatch) == 0
-    assert sum(r["sent_bytes"] for r in rank1_combine) == 0
+@pytest.mark.parametrize("name", ["alltoall", "alltoall_dedup"])
+def test_rank_gets_no_tokens_sends_none_to_rank_1(case_results, name):
+    alltoall = next(p for p in case_results["rank_gets_no_tokens"].paths if p.path == name)
+    assert token_bytes_sent(alltoall.records[0], phase="dispatch") == 0
+    assert token_bytes_sent(alltoall.records[1], phase="combine") == 0
 
 
 def test_int32_ids_sent_as_int32(case_results):

@@ -24,7 +24,7 @@ def test_compare_json_tiny(tmp_path):
     completed = run_cli("compare", "--preset", "tiny", "--json", "--repeats", "2", "--out", str(tmp_path))
     assert completed.returncode == 0, completed.stderr
     document = json.loads(completed.stdout)
-    assert [p["path"] for p in document["paths"]] == ["allreduce", "broadcast", "allgather_reducescatter", "alltoall"]
+    assert [p["path"] for p in document["paths"]] == ["allreduce", "broadcast", "allgather_reducescatter", "alltoall", "alltoall_dedup"]
     for path in document["paths"]:
         assert path["passed"] is True
         assert path["rel_error"] <= 1e-5

@@ -3,10 +3,11 @@
 from ..errors import InputError
 from .allreduce import allreduce
 from .alltoall import alltoall
-from .base import Dispatched, LocalLayer, RankBatch, moe_forward
+from .alltoall_dedup import alltoall_dedup
+from .base import DISPATCH_DTYPES, Dispatched, LocalLayer, PathOptions, RankBatch, moe_forward
 from .broadcast import allgather_reducescatter, broadcast
 
-PATHS = {path.name: path for path in (allreduce, broadcast, allgather_reducescatter, alltoall)}
+PATHS = {path.name: path for path in (allreduce, broadcast, allgather_reducescatter, alltoall, alltoall_dedup)}
 
 
 class UnknownPathError(InputError):
@@ -19,4 +20,4 @@ def get_path(name: str):
     return PATHS[name]
 
 
-__all__ = ["PATHS", "Dispatched", "LocalLayer", "RankBatch", "get_path", "moe_forward"]
+__all__ = ["DISPATCH_DTYPES", "PATHS", "Dispatched", "LocalLayer", "PathOptions", "RankBatch", "get_path", "moe_forward"]

@@ -18,7 +18,7 @@ import torch
 
 from ..comm import RecordingComm
 from ..routing import Placement
-from .base import Dispatched, RankBatch, local_pairs, weighted_sum_rows
+from .base import Dispatched, PathOptions, PendingDispatch, RankBatch, local_pairs, weighted_sum_rows
 
 
 class AllReduce:
@@ -26,18 +26,21 @@ class AllReduce:
     holds_whole_batch = True
 
     @staticmethod
-    def dispatch(comm: RecordingComm, batch: RankBatch, placement: Placement) -> Dispatched:
+    def dispatch(comm: RecordingComm, batch: RankBatch, placement: Placement, options: PathOptions) -> PendingDispatch:
         # No communication: the whole batch is already on every rank.
-        token_index, local_expert, weights = local_pairs(
-            batch.topk_ids_all, batch.topk_weights_all, placement, comm.rank
-        )
-        return Dispatched(
-            tokens=batch.x_all[token_index],  # (N, H)
-            local_expert=local_expert,
-            token_index=token_index,
-            weights=weights,
-            n_rows=batch.x_all.shape[0],
-        )
+        def finish() -> Dispatched:
+            token_index, local_expert, weights = local_pairs(
+                batch.topk_ids_all, batch.topk_weights_all, placement, comm.rank
+            )
+            return Dispatched(
+                tokens=batch.x_all[token_index],  # (N, H)
+                local_expert=local_expert,
+                token_index=token_index,
+                weights=weights,
+                n_rows=batch.x_all.shape[0],
+            )
+
+        return PendingDispatch(comm, finish)
 
     @staticmethod
     def combine(comm: RecordingComm, expert_out: torch.Tensor, dispatched: Dispatched, shared_out, batch: RankBatch) -> torch.Tensor:

@@ -12,11 +12,11 @@ Buffer layouts (rows):
     combine sends the recv buffer's results back in the same order, so no second permutation
     is needed at the destination.
 
-Bytes per rank: (pairs whose expert is remote) * H * element_size each way, plus 8 bytes per
-pair for the expert index and 8 * n for the counts. Pairs for local experts never leave the
-rank, so local-only routing sends no token rows. Because a token is copied once per remote
-expert, top-6 of 64 experts on 2 ranks sends about 3 copies of every token: about 3x the bytes
-of an all-gather. Sending each token once per destination rank removes that factor.
+Bytes per rank: (pairs whose expert is remote) * H * element_size each way, plus one expert
+index per pair (in the routing's id dtype) and 8 bytes per peer for the counts. Pairs for local
+experts never leave the rank, so local-only routing sends no token rows. Because a token is
+copied once per remote expert, top-6 of 64 experts on 2 ranks sends about 3 copies of every
+token: about 3x the bytes of an all-gather. `alltoall_dedup` sends each token once per rank.
 Right choice when: routing is mostly local, or top_k is small against the number of ranks.
 Costs one host sync (the counts) per layer.
 """
@@ -27,7 +27,30 @@ import torch
 
 from ..comm import RecordingComm
 from ..routing import Placement
-from .base import Dispatched, RankBatch, weighted_sum_rows
+from .base import (
+    Dispatched,
+    PathOptions,
+    PendingDispatch,
+    RankBatch,
+    decode_rows,
+    encode_rows,
+    weighted_sum_rows,
+)
+
+
+def exchange_splits(comm: RecordingComm, input_splits: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Token count exchange: rows this rank sends to, and receives from, each rank (metadata phase)."""
+    ones = [1] * comm.world_size
+    with comm.phase("metadata"):
+        output_splits = comm.all_to_all_single(input_splits, ones, ones, what="counts")
+        return input_splits.tolist(), output_splits.tolist()  # host sync
+
+
+def send_back(comm: RecordingComm, results: torch.Tensor, dispatched: Dispatched, dtype: torch.dtype) -> torch.Tensor:
+    """The reverse trip: results go home with the splits swapped, in the order they came."""
+    travel_dtype = dispatched.combine_dtype or dtype
+    returned = comm.all_to_all_single(results.to(travel_dtype), dispatched.output_splits, dispatched.input_splits, what="tokens")
+    return returned
 
 
 class AllToAll:
@@ -35,7 +58,7 @@ class AllToAll:
     holds_whole_batch = False
 
     @staticmethod
-    def dispatch(comm: RecordingComm, batch: RankBatch, placement: Placement) -> Dispatched:
+    def dispatch(comm: RecordingComm, batch: RankBatch, placement: Placement, options: PathOptions) -> PendingDispatch:
         tokens, k = batch.topk_ids.shape
 
         # Permute pairs rank-major, and by local expert within a rank.
@@ -43,33 +66,36 @@ class AllToAll:
         destination = placement.owner(flat_ids)
         local_expert = placement.local_index(flat_ids)
         order = torch.argsort(destination * placement.n_experts + local_expert, stable=True)
-        input_splits = torch.bincount(destination, minlength=comm.world_size)  # (n,)
-
-        # Token count exchange: how many rows each rank will receive from each rank.
-        with comm.phase("metadata"):
-            output_splits = comm.all_to_all_single(input_splits, [1] * comm.world_size, [1] * comm.world_size, what="counts")
-            input_splits, output_splits = input_splits.tolist(), output_splits.tolist()  # host sync
+        input_splits, output_splits = exchange_splits(comm, torch.bincount(destination, minlength=comm.world_size))
 
         # Send one token row and one local expert index per pair.
         token_of_pair = torch.arange(tokens, device=batch.x.device).repeat_interleave(k)[order]
-        received = comm.all_to_all_single(batch.x[token_of_pair], input_splits, output_splits, what="tokens")
+        received_rows = [
+            comm.all_to_all_single(tensor, input_splits, output_splits, what=what, async_op=options.overlap)
+            for tensor, what in encode_rows(batch.x[token_of_pair], options)
+        ]
         received_expert = comm.all_to_all_single(
-            local_expert[order].to(batch.topk_ids.dtype), input_splits, output_splits, what="expert_ids"
+            local_expert[order].to(batch.topk_ids.dtype), input_splits, output_splits, what="expert_ids",
+            async_op=options.overlap,
         )
-        return Dispatched(
-            tokens=received,  # (N_recv, H)
-            local_expert=received_expert.long(),
-            token_index=token_of_pair,  # source side: the token each sent row came from
-            weights=batch.topk_weights.reshape(-1)[order],  # applied at the source after the return trip
-            n_rows=tokens,
-            input_splits=input_splits,
-            output_splits=output_splits,
-        )
+
+        def finish() -> Dispatched:
+            return Dispatched(
+                tokens=decode_rows(received_rows, options, batch.x.dtype),  # (N_recv, H)
+                local_expert=received_expert.long(),
+                token_index=token_of_pair,  # source side: the token each sent row came from
+                weights=batch.topk_weights.reshape(-1)[order],  # applied at the source after the return trip
+                n_rows=tokens,
+                input_splits=input_splits,
+                output_splits=output_splits,
+                combine_dtype=options.combine_dtype,
+            )
+
+        return PendingDispatch(comm, finish)
 
     @staticmethod
     def combine(comm: RecordingComm, expert_out: torch.Tensor, dispatched: Dispatched, shared_out, batch: RankBatch) -> torch.Tensor:
-        # The reverse trip: results go back with the splits swapped, in the order they were sent.
-        returned = comm.all_to_all_single(expert_out, dispatched.output_splits, dispatched.input_splits, what="tokens")
+        returned = send_back(comm, expert_out, dispatched, batch.x.dtype)
 
         # Unpermute: weight each result and add it to its token's row.
         out = weighted_sum_rows(returned, dispatched.token_index, dispatched.weights, dispatched.n_rows)  # (T_r, H)

@@ -2,22 +2,48 @@
 
 A path is a `dispatch` and a `combine` with the same signatures in every module:
 
-    dispatch(comm, batch, placement) -> Dispatched   rows for this rank's experts
+    dispatch(comm, batch, placement, options) -> PendingDispatch   .wait() gives a Dispatched
     combine(comm, expert_out, dispatched, shared_out, batch) -> output rows
 
-`moe_forward` runs dispatch, the shared grouped expert compute, and combine, each in its own
-timed phase, so the paths differ only in how rows move between ranks.
+`moe_forward` runs dispatch, the grouped expert compute, and combine, each in its own timed
+phase, so the paths differ only in how rows move between ranks. With `options.overlap` the
+token collectives of dispatch are issued asynchronously: the shared experts run while the first
+chunk's tokens are in flight, and each chunk's expert compute runs while the next chunk's
+tokens are in flight.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
 from ..comm import RecordingComm
 from ..moe import ExpertWeights, SharedExpertWeights, grouped_expert_forward, shared_expert_forward
+from ..quant import dequantize_blockwise, n_blocks, quantize_blockwise
 from ..routing import Placement
+
+DISPATCH_DTYPES = ("bfloat16", "fp8")
+
+
+@dataclass(frozen=True)
+class PathOptions:
+    """How a path moves rows; the defaults give the plain path."""
+
+    dispatch_dtype: str | None = None  # None: the layer's dtype; "bfloat16"; "fp8": e4m3 with per-block scales
+    overlap: bool = False  # issue token collectives asynchronously and overlap them with compute
+    chunks: int = 2  # with overlap: pieces each rank's tokens are split into
+
+    @property
+    def combine_dtype(self) -> torch.dtype | None:
+        """Results travel back in bfloat16 when dispatch is compressed, else in the layer's dtype."""
+        return torch.bfloat16 if self.dispatch_dtype is not None else None
+
+    @property
+    def label(self) -> str:
+        parts = ([self.dispatch_dtype] if self.dispatch_dtype else []) + (["overlap"] if self.overlap else [])
+        return "+".join(parts)
 
 
 @dataclass
@@ -33,6 +59,15 @@ class RankBatch:
     topk_ids_all: torch.Tensor | None = None  # (T, k)
     topk_weights_all: torch.Tensor | None = None  # (T, k)
 
+    def split(self, chunks: int) -> list[tuple[int, int, RankBatch]]:
+        """(start, stop, sub-batch) for `chunks` contiguous pieces of the own tokens; some may be empty."""
+        bounds = torch.linspace(0, self.x.shape[0], chunks + 1).round().long().tolist()
+        return [
+            (start, stop, replace(self, x=self.x[start:stop], topk_ids=self.topk_ids[start:stop],
+                                  topk_weights=self.topk_weights[start:stop], offset=self.offset + start))
+            for start, stop in zip(bounds[:-1], bounds[1:])
+        ]
+
 
 @dataclass(frozen=True)
 class Dispatched:
@@ -41,11 +76,24 @@ class Dispatched:
     tokens: torch.Tensor  # (N, H) one row per (token, local expert) pair
     local_expert: torch.Tensor  # (N,) index into this rank's experts
     token_index: torch.Tensor  # (N,) row of the combine buffer each result adds to
-    weights: torch.Tensor | None  # (N,) routing weights, applied on this rank; None if applied at the source
+    weights: torch.Tensor | None  # (N,) routing weights, applied where token_index points
     n_rows: int  # rows of the combine buffer
-    input_splits: list[int] | None = None  # rows this rank sent to each rank (all-to-all only)
-    output_splits: list[int] | None = None  # rows this rank received from each rank (all-to-all only)
+    input_splits: list[int] | None = None  # rows this rank sent to each rank (all-to-all paths)
+    output_splits: list[int] | None = None  # rows this rank received from each rank (all-to-all paths)
     counts: list[int] | None = None  # tokens held by each rank (paths that gather tokens)
+    source_token: torch.Tensor | None = None  # (S,) own token of each row sent away (deduplicated all-to-all)
+    combine_dtype: torch.dtype | None = None  # dtype results travel back in; None: the layer's dtype
+
+
+class PendingDispatch:
+    """A dispatch whose collectives may still be in flight; `wait()` completes it."""
+
+    def __init__(self, comm: RecordingComm, finish: Callable[[], Dispatched]):
+        self._comm, self._finish = comm, finish
+
+    def wait(self) -> Dispatched:
+        self._comm.wait_all()
+        return self._finish()
 
 
 @dataclass
@@ -55,6 +103,33 @@ class LocalLayer:
     placement: Placement
     experts: ExpertWeights  # this rank's routed experts, in local order
     shared: SharedExpertWeights | None  # replicated on every rank
+
+
+def encode_rows(x: torch.Tensor, options: PathOptions) -> list[tuple[torch.Tensor, str]]:
+    """Token rows as the tensors dispatch sends: (rows, "tokens") and, for fp8, (scales, "scales")."""
+    if options.dispatch_dtype == "fp8":
+        q, scales = quantize_blockwise(x)
+        return [(q, "tokens"), (scales, "scales")]
+    if options.dispatch_dtype == "bfloat16":
+        return [(x.to(torch.bfloat16), "tokens")]
+    return [(x, "tokens")]
+
+
+def empty_rows(rows: int, like: torch.Tensor, options: PathOptions) -> list[tuple[torch.Tensor, str]]:
+    """Receive buffers matching `encode_rows` for `rows` rows shaped like `like` (N, H)."""
+    hidden = like.shape[1]
+    template = encode_rows(like[:0], options)
+    return [
+        (torch.empty(rows, (hidden if what == "tokens" else n_blocks(hidden)), dtype=t.dtype, device=like.device), what)
+        for t, what in template
+    ]
+
+
+def decode_rows(parts: list[torch.Tensor], options: PathOptions, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `encode_rows`: token rows in the layer's `dtype`."""
+    if options.dispatch_dtype == "fp8":
+        return dequantize_blockwise(parts[0], parts[1], dtype)
+    return parts[0].to(dtype)
 
 
 def local_pairs(
@@ -78,12 +153,51 @@ def weighted_sum_rows(
     return out
 
 
-def moe_forward(path, comm: RecordingComm, layer: LocalLayer, batch: RankBatch) -> torch.Tensor:
+def moe_forward(
+    path, comm: RecordingComm, layer: LocalLayer, batch: RankBatch, options: PathOptions = PathOptions()
+) -> torch.Tensor:
     """Run one MoE layer through `path`; phases dispatch, compute and combine are timed."""
+    if options.overlap:
+        return _moe_forward_overlapped(path, comm, layer, batch, options)
     with comm.phase("dispatch"):
-        dispatched = path.dispatch(comm, batch, layer.placement)
+        dispatched = path.dispatch(comm, batch, layer.placement, options).wait()
     with comm.phase("compute"):
         expert_out = grouped_expert_forward(dispatched.tokens, dispatched.local_expert, layer.experts)
         shared_out = shared_expert_forward(batch.x, layer.shared)  # (T_r, H) or None
     with comm.phase("combine"):
         return path.combine(comm, expert_out, dispatched, shared_out, batch)
+
+
+def _moe_forward_overlapped(path, comm: RecordingComm, layer: LocalLayer, batch: RankBatch, options: PathOptions) -> torch.Tensor:
+    """Pipeline over chunks: chunk c+1's tokens travel while chunk c's experts compute.
+
+    The time left in the `dispatch` phase is the communication that compute did not hide.
+    """
+    if path.holds_whole_batch:
+        raise ValueError(f"path {path.name!r} has no dispatch to overlap; overlap applies to paths that dispatch tokens")
+    chunks = batch.split(options.chunks)
+
+    with comm.phase("dispatch"):
+        pending = path.dispatch(comm, chunks[0][2], layer.placement, options)
+    with comm.phase("compute"):
+        shared_out = shared_expert_forward(batch.x, layer.shared)  # runs while chunk 0 is in flight
+    with comm.phase("dispatch"):
+        dispatched = pending.wait()
+
+    outputs = []
+    for index, (start, stop, chunk) in enumerate(chunks):
+        last = index + 1 == len(chunks)
+        if not last:
+            with comm.phase("dispatch"):
+                pending = path.dispatch(comm, chunks[index + 1][2], layer.placement, options)
+        with comm.phase("compute"):
+            expert_out = grouped_expert_forward(dispatched.tokens, dispatched.local_expert, layer.experts)
+        if not last:
+            with comm.phase("dispatch"):
+                next_dispatched = pending.wait()
+        with comm.phase("combine"):
+            shared_chunk = None if shared_out is None else shared_out[start:stop]
+            outputs.append(path.combine(comm, expert_out, dispatched, shared_chunk, chunk))
+        if not last:
+            dispatched = next_dispatched
+    return torch.cat(outputs)

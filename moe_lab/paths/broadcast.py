@@ -26,7 +26,17 @@ import torch
 
 from ..comm import RecordingComm
 from ..routing import Placement
-from .base import Dispatched, RankBatch, local_pairs, weighted_sum_rows
+from .base import (
+    Dispatched,
+    PathOptions,
+    PendingDispatch,
+    RankBatch,
+    decode_rows,
+    empty_rows,
+    encode_rows,
+    local_pairs,
+    weighted_sum_rows,
+)
 
 
 def exchange_counts(comm: RecordingComm, tokens: int) -> list[int]:
@@ -36,44 +46,53 @@ def exchange_counts(comm: RecordingComm, tokens: int) -> list[int]:
         return counts.tolist()  # host sync
 
 
+def _combine_dtype(dispatched: Dispatched, batch: RankBatch) -> torch.dtype:
+    return dispatched.combine_dtype or batch.x.dtype
+
+
 class Broadcast:
     name = "broadcast"
     holds_whole_batch = False
 
     @staticmethod
-    def dispatch(comm: RecordingComm, batch: RankBatch, placement: Placement) -> Dispatched:
+    def dispatch(comm: RecordingComm, batch: RankBatch, placement: Placement, options: PathOptions) -> PendingDispatch:
         counts = exchange_counts(comm, batch.x.shape[0])
 
         # One broadcast per source rank and tensor; ranks with no tokens send nothing.
-        x_parts, id_parts, weight_parts = [], [], []
+        row_parts, id_parts, weight_parts = [], [], []
         for src, count in enumerate(counts):
             mine = src == comm.rank
-            x = batch.x if mine else batch.x.new_empty(count, batch.x.shape[1])
+            rows = encode_rows(batch.x, options) if mine else empty_rows(count, batch.x, options)
             ids = batch.topk_ids if mine else batch.topk_ids.new_empty(count, batch.topk_ids.shape[1])
             weights = batch.topk_weights if mine else batch.topk_weights.new_empty(count, batch.topk_weights.shape[1])
             if count:
-                comm.broadcast(x, src, what="tokens")
-                comm.broadcast(ids, src, what="expert_ids")
-                comm.broadcast(weights, src, what="weights")
-            x_parts.append(x)
+                for tensor, what in rows:
+                    comm.broadcast(tensor, src, what=what, async_op=options.overlap)
+                comm.broadcast(ids, src, what="expert_ids", async_op=options.overlap)
+                comm.broadcast(weights, src, what="weights", async_op=options.overlap)
+            row_parts.append([tensor for tensor, _ in rows])
             id_parts.append(ids)
             weight_parts.append(weights)
-        x_all = torch.cat(x_parts)  # (T, H): the whole batch, rank-major
 
-        token_index, local_expert, weights = local_pairs(torch.cat(id_parts), torch.cat(weight_parts), placement, comm.rank)
-        return Dispatched(
-            tokens=x_all[token_index],
-            local_expert=local_expert,
-            token_index=token_index,
-            weights=weights,
-            n_rows=x_all.shape[0],
-            counts=counts,
-        )
+        def finish() -> Dispatched:
+            x_all = torch.cat([decode_rows(parts, options, batch.x.dtype) for parts in row_parts])  # (T, H), rank-major
+            token_index, local_expert, weights = local_pairs(torch.cat(id_parts), torch.cat(weight_parts), placement, comm.rank)
+            return Dispatched(
+                tokens=x_all[token_index],
+                local_expert=local_expert,
+                token_index=token_index,
+                weights=weights,
+                n_rows=x_all.shape[0],
+                counts=counts,
+                combine_dtype=options.combine_dtype,
+            )
+
+        return PendingDispatch(comm, finish)
 
     @staticmethod
     def combine(comm: RecordingComm, expert_out: torch.Tensor, dispatched: Dispatched, shared_out, batch: RankBatch) -> torch.Tensor:
         partial = weighted_sum_rows(expert_out, dispatched.token_index, dispatched.weights, dispatched.n_rows)
-        partial = partial.to(batch.x.dtype)  # (T, H)
+        partial = partial.to(_combine_dtype(dispatched, batch))  # (T, H)
         if dispatched.n_rows:
             comm.all_reduce(partial, what="tokens")
         start = sum(dispatched.counts[: comm.rank])
@@ -88,33 +107,43 @@ class AllGatherReduceScatter:
     holds_whole_batch = False
 
     @staticmethod
-    def dispatch(comm: RecordingComm, batch: RankBatch, placement: Placement) -> Dispatched:
+    def dispatch(comm: RecordingComm, batch: RankBatch, placement: Placement, options: PathOptions) -> PendingDispatch:
         counts = exchange_counts(comm, batch.x.shape[0])
         t_max = max(counts)
         if t_max == 0:  # no rank has tokens: nothing to gather
-            empty = batch.x.new_empty(0, batch.x.shape[1])
-            no_rows = torch.empty(0, dtype=torch.int64, device=batch.x.device)
-            return Dispatched(empty, no_rows, no_rows, batch.topk_weights.new_empty(0), 0, counts=counts)
+            def finish_empty() -> Dispatched:
+                no_rows = torch.empty(0, dtype=torch.int64, device=batch.x.device)
+                return Dispatched(batch.x[:0], no_rows, no_rows, batch.topk_weights.new_empty(0), 0, counts=counts)
+
+            return PendingDispatch(comm, finish_empty)
 
         # Pad to T_max rows so every rank hands all_gather the same shape.
         pad = t_max - batch.x.shape[0]
-        x_all = comm.all_gather(torch.nn.functional.pad(batch.x, (0, 0, 0, pad)), what="tokens")  # (n*T_max, H)
-        ids_all = comm.all_gather(torch.nn.functional.pad(batch.topk_ids, (0, 0, 0, pad)), what="expert_ids")
-        weights_all = comm.all_gather(torch.nn.functional.pad(batch.topk_weights, (0, 0, 0, pad)), what="weights")
+        gathered_rows = [
+            comm.all_gather(tensor, what=what, async_op=options.overlap)
+            for tensor, what in encode_rows(torch.nn.functional.pad(batch.x, (0, 0, 0, pad)), options)
+        ]  # each (n * T_max, ...)
+        ids_all = comm.all_gather(torch.nn.functional.pad(batch.topk_ids, (0, 0, 0, pad)), what="expert_ids", async_op=options.overlap)
+        weights_all = comm.all_gather(torch.nn.functional.pad(batch.topk_weights, (0, 0, 0, pad)), what="weights", async_op=options.overlap)
 
-        # Padding rows route nowhere: give them weight 0 and drop their pairs.
-        row = torch.arange(comm.world_size * t_max, device=batch.x.device)
-        valid = (row % t_max) < torch.tensor(counts, device=batch.x.device).repeat_interleave(t_max)
-        token_index, local_expert, weights = local_pairs(ids_all[valid], weights_all[valid], placement, comm.rank)
-        padded_index = valid.nonzero().flatten()[token_index]  # row in the padded layout
-        return Dispatched(
-            tokens=x_all[padded_index],
-            local_expert=local_expert,
-            token_index=padded_index,
-            weights=weights,
-            n_rows=comm.world_size * t_max,
-            counts=counts,
-        )
+        def finish() -> Dispatched:
+            x_all = decode_rows(gathered_rows, options, batch.x.dtype)  # (n * T_max, H)
+            # Padding rows route nowhere: drop their pairs.
+            row = torch.arange(comm.world_size * t_max, device=batch.x.device)
+            valid = (row % t_max) < torch.tensor(counts, device=batch.x.device).repeat_interleave(t_max)
+            token_index, local_expert, weights = local_pairs(ids_all[valid], weights_all[valid], placement, comm.rank)
+            padded_index = valid.nonzero().flatten()[token_index]  # row in the padded layout
+            return Dispatched(
+                tokens=x_all[padded_index],
+                local_expert=local_expert,
+                token_index=padded_index,
+                weights=weights,
+                n_rows=comm.world_size * t_max,
+                counts=counts,
+                combine_dtype=options.combine_dtype,
+            )
+
+        return PendingDispatch(comm, finish)
 
     @staticmethod
     def combine(comm: RecordingComm, expert_out: torch.Tensor, dispatched: Dispatched, shared_out, batch: RankBatch) -> torch.Tensor:
@@ -122,7 +151,7 @@ class AllGatherReduceScatter:
         if dispatched.n_rows == 0:
             return batch.x.new_empty(0, batch.x.shape[1])
         partial = weighted_sum_rows(expert_out, dispatched.token_index, dispatched.weights, dispatched.n_rows)
-        mine = comm.reduce_scatter(partial.to(batch.x.dtype), what="tokens")  # (T_max, H)
+        mine = comm.reduce_scatter(partial.to(_combine_dtype(dispatched, batch)), what="tokens")  # (T_max, H)
         out = mine[:tokens].float()
         if shared_out is not None:
             out += shared_out.float()
