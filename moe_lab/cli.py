@@ -117,7 +117,7 @@ def format_table(result) -> str:
     ]
     width = max(24, *(len(path.path) + 2 for path in result.paths))
     header = (
-        f"{'path':<{width}}" + "".join(f"{phase:>11}" for phase in COMM_PHASES) + f"{'total':>11}{'OS total':>11} |"
+        f"{'path':<{width}}" + "".join(f"{phase:>12}" for phase in COMM_PHASES) + f"{'total':>12}{'OS total':>12} |"
         + "".join(f"{phase + ' ms':>12}" for phase in PHASES) + f"{'total ms':>10} |{'error':>9}  check"
     )
     lines += [header, "-" * len(header)]
@@ -125,20 +125,21 @@ def format_table(result) -> str:
         row = path_row(result, path)
         lines.append(
             f"{path.path:<{width}}"
-            + "".join(f"{human_bytes(row[f'sent_{phase}_bytes']):>11}" for phase in COMM_PHASES)
-            + f"{human_bytes(row['sent_total_bytes']):>11}{human_bytes(row['os_sent_total_bytes']):>11} |"
+            + "".join(f"{human_bytes(row[f'sent_{phase}_bytes']):>12}" for phase in COMM_PHASES)
+            + f"{human_bytes(row['sent_total_bytes']):>12}{human_bytes(row['os_sent_total_bytes']):>12} |"
             + "".join(f"{row[f'{phase}_ms']:>12.2f}" for phase in PHASES)
             + f"{row['total_ms']:>10.2f} |{row['rel_error']:>9.1e}  {'ok' if path.passed else 'FAIL'}"
         )
-    shares = ", ".join(
+    shares = [
         f"{path.path} {path.wall_seconds:.1f} s ({100 * path.wall_seconds / result.wall_seconds:.0f}%)" for path in result.paths
-    )
+    ]
     lines += [
         "",
         f"wall time: {result.wall_seconds:.1f} s for the ranks (start-up and weights included), "
         f"{result.reference_seconds:.1f} s for the reference",
-        f"of which running the paths, warm-up included: {shares}",
+        "of which running the paths, warm-up included:",
     ]
+    lines += ["  " + ", ".join(shares[i : i + 4]) for i in range(0, len(shares), 4)]
     return "\n".join(lines)
 
 

@@ -171,7 +171,12 @@ def moe_forward(
 def _moe_forward_overlapped(path, comm: RecordingComm, layer: LocalLayer, batch: RankBatch, options: PathOptions) -> torch.Tensor:
     """Pipeline over chunks: chunk c+1's tokens travel while chunk c's experts compute.
 
-    The time left in the `dispatch` phase is the communication that compute did not hide.
+    The time left in the `dispatch` phase is the communication that compute did not hide. On
+    gloo the asynchronous collectives run on gloo's own threads; on NCCL they run on NCCL's
+    stream while the experts run on the current stream, and `wait` makes the current stream
+    wait for them.
+    NOTE: the NCCL overlap has not been run here (no GPU machine was available); the gloo
+    overlap is what the tests check.
     """
     if path.holds_whole_batch:
         raise ValueError(f"path {path.name!r} has no dispatch to overlap; overlap applies to paths that dispatch tokens")
