@@ -146,8 +146,10 @@ def load_hf_config(path: str | Path) -> MoEConfig:
     return config_from_hf_dict(data, name=path.parent.name or path.stem)
 
 
-def resolve_config(preset: str | Path) -> MoEConfig:
-    """Return the preset of that name, or load it as a config.json path."""
+def resolve_config(preset: str | Path | MoEConfig) -> MoEConfig:
+    """Return the preset of that name, load it as a config.json path, or pass a MoEConfig through."""
+    if isinstance(preset, MoEConfig):
+        return preset
     if str(preset) in PRESETS:
         return PRESETS[str(preset)]
     looks_like_path = str(preset).endswith(".json") or "/" in str(preset) or Path(preset).exists()

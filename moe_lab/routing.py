@@ -63,6 +63,10 @@ class Placement:
             return ids % (self.n_experts // self.world_size)
         return ids // self.world_size
 
+    def owner_table(self) -> torch.Tensor:
+        """(n_experts,) int64: owner_table()[e] is the rank holding expert e."""
+        return self.owner(torch.arange(self.n_experts))
+
     def local_experts(self, rank: int) -> list[int]:
         """Global ids of the experts on `rank`, in local order."""
         if self.kind == "contiguous":

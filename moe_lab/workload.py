@@ -42,7 +42,7 @@ ROUTING_FILE_KEYS = (
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    preset: str = "deepseek-v2-lite"  # preset name or path to a Hugging Face config.json
+    preset: str | MoEConfig = "deepseek-v2-lite"  # preset name, path to a Hugging Face config.json, or a MoEConfig
     world_size: int = 2
     tokens: int | tuple[int, ...] = 64  # tokens per rank, or one count per rank
     routing: str = "gate"

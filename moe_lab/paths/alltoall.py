@@ -7,7 +7,7 @@ per-rank splits. The destination runs its experts on what it received and sends 
 back with the splits swapped; the source multiplies by the routing weights and sums per token.
 
 Buffer layouts (rows):
-    send buffer   [ to rank 0 | to rank 1 | ... ]            rank-major, sorted by local expert
+    send buffer   [ to rank 0 | to rank 1 | ... ]            rank-major, token order within a rank
     recv buffer   [ from rank 0 | from rank 1 | ... ]        output_splits[r] rows from rank r
     combine sends the recv buffer's results back in the same order, so no second permutation
     is needed at the destination.
@@ -46,6 +46,18 @@ def exchange_splits(comm: RecordingComm, input_splits: torch.Tensor) -> tuple[li
         return input_splits.tolist(), output_splits.tolist()  # host sync
 
 
+def permute_by_destination(topk_ids: torch.Tensor, owner: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order this rank's (token, expert) pairs by destination rank.
+
+    topk_ids (T, k) are flattened row-major into T*k pairs; owner (E,) maps an expert to its
+    rank. Returns (order, input_splits): pairs[order] are rank-major, and input_splits[r] of
+    them go to rank r.
+    """
+    destination = owner[topk_ids.reshape(-1).long()]  # (T*k,)
+    order = torch.argsort(destination, stable=True)
+    return order, torch.bincount(destination, minlength=world_size)
+
+
 def send_back(comm: RecordingComm, results: torch.Tensor, dispatched: Dispatched, dtype: torch.dtype) -> torch.Tensor:
     """The reverse trip: results go home with the splits swapped, in the order they came."""
     travel_dtype = dispatched.combine_dtype or dtype
@@ -57,16 +69,16 @@ class AllToAll:
     name = "alltoall"
     holds_whole_batch = False
 
-    @staticmethod
-    def dispatch(comm: RecordingComm, batch: RankBatch, placement: Placement, options: PathOptions) -> PendingDispatch:
+    permute = staticmethod(permute_by_destination)
+
+    @classmethod
+    def dispatch(cls, comm: RecordingComm, batch: RankBatch, placement: Placement, options: PathOptions) -> PendingDispatch:
         tokens, k = batch.topk_ids.shape
 
-        # Permute pairs rank-major, and by local expert within a rank.
-        flat_ids = batch.topk_ids.reshape(-1)  # (T_r*k,)
-        destination = placement.owner(flat_ids)
-        local_expert = placement.local_index(flat_ids)
-        order = torch.argsort(destination * placement.n_experts + local_expert, stable=True)
-        input_splits, output_splits = exchange_splits(comm, torch.bincount(destination, minlength=comm.world_size))
+        # Permute pairs rank-major, then exchange how many each rank will receive.
+        order, input_splits = cls.permute(batch.topk_ids, placement.owner_table().to(batch.x.device), comm.world_size)
+        input_splits, output_splits = exchange_splits(comm, input_splits)
+        local_expert = placement.local_index(batch.topk_ids.reshape(-1))  # (T_r*k,)
 
         # Send one token row and one local expert index per pair.
         token_of_pair = torch.arange(tokens, device=batch.x.device).repeat_interleave(k)[order]

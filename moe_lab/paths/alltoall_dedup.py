@@ -36,34 +36,40 @@ from .base import (
 )
 
 
-def rank_slots(
-    topk_ids: torch.Tensor, topk_weights: torch.Tensor, placement: Placement, world_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows to send, rank-major: (source token, destination, local expert slots, weight slots).
+def rows_per_destination(topk_ids: torch.Tensor, owner: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per (token, rank) pair where the token has at least one expert on that rank.
 
-    A row exists for each (token, rank) pair where the token has an expert on that rank.
-    Slots hold the local expert index, or -1 where that expert is on another rank.
+    topk_ids (T, k); owner (E,) maps an expert to its rank. Returns (source_token, destination),
+    sorted by destination rank, then token.
     """
-    owner = placement.owner(topk_ids)  # (T, k)
     ranks = torch.arange(world_size, device=topk_ids.device)
-    on_rank = owner.unsqueeze(0) == ranks.view(-1, 1, 1)  # (n, T, k)
-    destination, source_token = on_rank.any(dim=2).nonzero(as_tuple=True)  # rank-major, then token order
-    slot_mask = on_rank[destination, source_token]  # (rows, k)
+    on_rank = owner[topk_ids.long()].unsqueeze(0) == ranks.view(-1, 1, 1)  # (n, T, k)
+    destination, source_token = on_rank.any(dim=2).nonzero(as_tuple=True)
+    return source_token, destination
+
+
+def expert_slots(
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, placement: Placement,
+    source_token: torch.Tensor, destination: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row, the token's k local expert indices on the row's rank (-1 elsewhere) and weights."""
+    slot_mask = placement.owner(topk_ids)[source_token] == destination.unsqueeze(1)  # (rows, k)
     local = placement.local_index(topk_ids)[source_token]
-    expert_slots = torch.where(slot_mask, local, torch.full_like(local, -1))
+    experts = torch.where(slot_mask, local, torch.full_like(local, -1))
     weight_slots = torch.where(slot_mask, topk_weights[source_token], torch.zeros_like(topk_weights[source_token]))
-    return source_token, destination, expert_slots, weight_slots
+    return experts, weight_slots
 
 
 class AllToAllDedup:
     name = "alltoall_dedup"
     holds_whole_batch = False
 
-    @staticmethod
-    def dispatch(comm: RecordingComm, batch: RankBatch, placement: Placement, options: PathOptions) -> PendingDispatch:
-        source_token, destination, expert_slots, weight_slots = rank_slots(
-            batch.topk_ids, batch.topk_weights, placement, comm.world_size
-        )
+    rows = staticmethod(rows_per_destination)
+
+    @classmethod
+    def dispatch(cls, comm: RecordingComm, batch: RankBatch, placement: Placement, options: PathOptions) -> PendingDispatch:
+        source_token, destination = cls.rows(batch.topk_ids, placement.owner_table().to(batch.x.device), comm.world_size)
+        slots, weight_slots = expert_slots(batch.topk_ids, batch.topk_weights, placement, source_token, destination)
         input_splits, output_splits = exchange_splits(comm, torch.bincount(destination, minlength=comm.world_size))
 
         # One token row per (token, destination rank), with that rank's expert and weight slots.
@@ -72,7 +78,7 @@ class AllToAllDedup:
             for tensor, what in encode_rows(batch.x[source_token], options)
         ]
         received_experts = comm.all_to_all_single(
-            expert_slots.to(batch.topk_ids.dtype), input_splits, output_splits, what="expert_ids", async_op=options.overlap
+            slots.to(batch.topk_ids.dtype), input_splits, output_splits, what="expert_ids", async_op=options.overlap
         )
         received_weights = comm.all_to_all_single(
             weight_slots, input_splits, output_splits, what="weights", async_op=options.overlap
