@@ -4,12 +4,13 @@ Who holds what: each rank owns its T_r tokens (data-parallel attention). Both va
 exchange the token counts (metadata), then give every rank the whole batch so it can run its
 experts on the pairs routed to them, then sum the partial outputs and keep each rank's rows.
 
-`broadcast` (one broadcast per source rank, as vLLM's former naive all2all backend did):
+`broadcast` (one broadcast per source rank, as the `naive` all2all backend of vLLM 0.9.0.1 does,
+the default there):
     dispatch: for each source rank, broadcast its tokens (T_src, H), expert ids and weights;
     combine: all_reduce the (T, H) partial outputs, then each rank keeps its own rows.
     Bytes: every token row reaches every rank, and the combine all-reduces the whole batch:
     T * H * element_size through all_reduce (2(n-1)/n of it per rank on a ring).
-`allgather_reducescatter` (vLLM's default EP backend since v0.10):
+`allgather_reducescatter` (the default all2all backend of vLLM 0.11.0):
     dispatch: all_gather tokens, ids and weights, each padded to the largest rank's count;
     combine: reduce_scatter the padded (n * T_max, H) partials, so each rank receives only its
     own summed rows. Bytes per rank: (n-1) * T_max rows each way in dispatch, and the
