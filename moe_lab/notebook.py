@@ -59,3 +59,98 @@ def local_share(routing: Routing, placement: Placement) -> list[float]:
     for rank, ids in enumerate(routing.topk_ids):
         shares.append(float((placement.owner(ids) == rank).float().mean()) if ids.numel() else float("nan"))
     return shares
+
+
+PHASE_COLOURS = {"metadata": "#9467bd", "dispatch": "#1f77b4", "compute": "#bbbbbb", "combine": "#d62728"}
+
+
+def plot_work_split(routing: Routing, placement: Placement, tokens: int = 24, title: str = ""):
+    """Grid of (token, expert) pairs for the first `tokens` tokens of each rank, coloured by the
+    rank whose expert computes the pair: shows which rank holds which tokens and experts."""
+    colours = plt.get_cmap("tab10")
+    rows, labels = [], []
+    for rank, ids in enumerate(routing.topk_ids):
+        for t in range(min(tokens, ids.shape[0])):
+            row = torch.full((placement.n_experts,), -1)
+            row[ids[t].long()] = placement.owner(ids[t])
+            rows.append(row)
+            labels.append(rank)
+    grid = torch.stack(rows).float()  # (shown tokens, E): owner rank of each chosen expert, -1 elsewhere
+    image = torch.ones(*grid.shape, 3)
+    for rank in range(placement.world_size):
+        image[grid == rank] = torch.tensor(colours(rank)[:3], dtype=torch.float32)
+    fig, ax = plt.subplots(figsize=(10, 0.12 * len(rows) + 1.2))
+    ax.imshow(image, aspect="auto", interpolation="nearest")
+    boundaries = [i for i in range(1, len(labels)) if labels[i] != labels[i - 1]]
+    for boundary in boundaries:
+        ax.axhline(boundary - 0.5, color="black", linewidth=1)
+    starts = [0] + boundaries
+    ends = boundaries + [len(labels)]
+    ax.set_yticks([(a + b - 1) / 2 for a, b in zip(starts, ends)])
+    ax.set_yticklabels([f"tokens of\nrank {labels[a]}" for a in starts])
+    ax.set_xlabel("expert")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours(rank)) for rank in range(placement.world_size)]
+    ax.legend(handles, [f"computed on rank {rank}" for rank in range(placement.world_size)], fontsize=8,
+              loc="upper right", framealpha=0.9)
+    ax.set_title(title or "Which rank computes each (token, expert) pair")
+    fig.tight_layout()
+    return fig
+
+
+def plot_timeline(result, paths: list[str] | None = None):
+    """Per-rank phases of one layer (last repeat), one row per rank and one panel per path."""
+    chosen = [p for p in result.paths if paths is None or p.path in paths]
+    n = result.workload.world_size
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(9, 0.6 + 0.4 * n * len(chosen)), squeeze=False)
+    for ax, path in zip(axes[:, 0], chosen):
+        for rank, segments in enumerate(path.segments):
+            for phase, start, end in segments:
+                ax.barh(rank, (end - start) * 1e3, left=start * 1e3, color=PHASE_COLOURS.get(phase, "black"), height=0.6)
+        ax.set_yticks(range(n))
+        ax.set_yticklabels([f"rank {rank}" for rank in range(n)])
+        ax.invert_yaxis()
+        ax.set_title(path.path, fontsize=9, loc="left")
+    axes[-1][0].set_xlabel("ms from the barrier-aligned start of the layer")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in PHASE_COLOURS.values()]
+    axes[0][0].legend(handles, list(PHASE_COLOURS), fontsize=7, ncol=4, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def traffic_matrix(path_result, what: tuple[str, ...] | None = None) -> list[list[int]]:
+    """matrix[src][dst]: bytes rank src sent to rank dst in one layer, from the recorded collectives."""
+    n = len(path_result.records)
+    matrix = [[0] * n for _ in range(n)]
+    for src, records in enumerate(path_result.records):
+        for record in records:
+            if what is not None and record["what"] not in what:
+                continue
+            sent_to = record.get("sent_to")
+            if sent_to is None and n == 2:  # two ranks: everything sent goes to the other one
+                sent_to = [0, 0]
+                sent_to[1 - src] = record["sent_bytes"]
+            for dst, value in enumerate(sent_to):
+                matrix[src][dst] += value
+    return matrix
+
+
+def plot_traffic(result, paths: list[str] | None = None):
+    """Bytes from each rank to each rank in one layer, one matrix per path (counted by the kit)."""
+    chosen = [p for p in result.paths if paths is None or p.path in paths]
+    fig, axes = plt.subplots(1, len(chosen), figsize=(2.9 * len(chosen), 2.9), squeeze=False)
+    matrices = [traffic_matrix(p) for p in chosen]
+    largest = max(max(max(row) for row in m) for m in matrices) or 1
+    unit, scale = ("MiB", 2**20) if largest >= 2**20 else ("KiB", 2**10)
+    for ax, path, matrix in zip(axes[0], chosen, matrices):
+        ax.imshow([[v / scale for v in row] for row in matrix], cmap="Blues", vmin=0, vmax=largest / scale)
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value / scale:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if value > largest / 2 else "black")
+        ax.set_xticks(range(len(matrix)))
+        ax.set_yticks(range(len(matrix)))
+        ax.set_xlabel("to rank")
+        ax.set_ylabel("from rank")
+        ax.set_title(f"{path.path} ({unit})", fontsize=9)
+    fig.tight_layout()
+    return fig
