@@ -154,3 +154,20 @@ def plot_traffic(result, paths: list[str] | None = None):
         ax.set_title(f"{path.path} ({unit})", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_token_bytes(results, x_values, x_label: str, paths: list[str] | None = None):
+    """Token bytes rank 0 sends per layer (dispatch and combine) against one swept parameter."""
+    from .bytes_model import token_bytes_sent
+
+    names = [p.path for p in results[0].paths if paths is None or p.path in paths]
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for name in names:
+        values = [token_bytes_sent(next(p for p in result.paths if p.path == name).records[0]) / 2**10 for result in results]
+        ax.plot(x_values, values, marker="o", label=name)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("token KiB sent by rank 0")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
