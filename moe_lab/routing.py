@@ -1,4 +1,4 @@
-"""Who goes where: expert placement on ranks, and the routing sources (gate, synthetic, explicit)."""
+"""Expert placement on ranks, and the routing sources: the gate, synthetic routing and explicit routing."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class Routing:
     topk_weights: list[torch.Tensor]  # per rank: (T_r, k), float32
 
     def concat(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole batch, ranks' tokens in rank order: ((T, k) ids, (T, k) weights)."""
+        """Concatenate the ranks' routing in rank order: ((T, k) ids, (T, k) weights)."""
         return torch.cat(self.topk_ids), torch.cat(self.topk_weights)
 
 

@@ -1,6 +1,6 @@
 """One run's inputs: the MoE shape, the tokens each rank holds, and their routing.
 
-A `WorkloadSpec` is small and picklable; `build_workload` turns it into tensors the same way in
+A `WorkloadSpec` is small and picklable. `build_workload` turns it into tensors the same way in
 every process, so each rank and the reference see identical inputs without shipping them.
 
 Routing file format (JSON object), the same as the kit's test cases:

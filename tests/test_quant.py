@@ -13,7 +13,8 @@ from moe_lab.workload import WorkloadSpec, build_workload
 def test_round_trip_within_fp8_rounding():
     x = torch.randn(5, 300) * torch.logspace(-3, 3, 300)  # channels of very different sizes
     q, scales = quantize_blockwise(x)
-    assert q.dtype == FP8_DTYPE and q.shape == (5, 300)
+    assert q.dtype == FP8_DTYPE
+    assert q.shape == (5, 300)
     assert scales.shape == (5, 3)  # ceil(300 / 128)
     back = dequantize_blockwise(q, scales, torch.float32)
     block_max = torch.nn.functional.pad(x.abs(), (0, 84)).view(5, 3, BLOCK).amax(dim=2).repeat_interleave(BLOCK, dim=1)[:, :300]
@@ -22,7 +23,8 @@ def test_round_trip_within_fp8_rounding():
 
 def test_zero_rows():
     q, scales = quantize_blockwise(torch.empty(0, 64))
-    assert q.shape == (0, 64) and scales.shape == (0, 1)
+    assert q.shape == (0, 64)
+    assert scales.shape == (0, 1)
     assert dequantize_blockwise(q, scales, torch.bfloat16).shape == (0, 64)
 
 

@@ -1,7 +1,7 @@
 """Workshop exercise checks: each runs the attendee's function on real ranks or against the reference.
 
-Every check returns a `CheckResult`, which is true when the answer is right and shows a message
-that says what was wrong and what to look at when it is not.
+Every check returns a `CheckResult`, which is true when the attendee's code is right; its message
+states what was wrong and what to look at when it is not.
 """
 
 from .bytes_by_hand import check_bytes_by_hand

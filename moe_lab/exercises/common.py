@@ -1,4 +1,4 @@
-"""What the exercise checks share: results, running the attendee's code, and small workloads."""
+"""Shared parts of the exercise checks: results, running the attendee's code, and small workloads."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def permute_by_destination(topk_ids: torch.Tensor, owner: torch.Tensor, world_si
 
 
 def send_back(comm: RecordingComm, results: torch.Tensor, dispatched: Dispatched, dtype: torch.dtype) -> torch.Tensor:
-    """The reverse trip: results go home with the splits swapped, in the order they came."""
+    """Send results home with the splits swapped, in the order they came (the reverse trip)."""
     travel_dtype = dispatched.combine_dtype or dtype
     returned = comm.all_to_all_single(results.to(travel_dtype), dispatched.output_splits, dispatched.input_splits, what="tokens")
     return returned

@@ -37,7 +37,7 @@ from .base import (
 
 
 def rows_per_destination(topk_ids: torch.Tensor, owner: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row per (token, rank) pair where the token has at least one expert on that rank.
+    """List one row per (token, rank) pair where the token has at least one expert on that rank.
 
     topk_ids (T, k); owner (E,) maps an expert to its rank. Returns (source_token, destination),
     sorted by destination rank, then token.

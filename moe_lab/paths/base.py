@@ -1,4 +1,4 @@
-"""What every path shares: the batch a rank holds, the dispatch result, and the layer driver.
+"""Shared parts of every path: the batch a rank brings, the dispatch result, and the layer driver.
 
 A path is a `dispatch` and a `combine` with the same signatures in every module:
 
@@ -29,7 +29,7 @@ DISPATCH_DTYPES = ("bfloat16", "fp8")
 
 @dataclass(frozen=True)
 class PathOptions:
-    """How a path moves rows; the defaults give the plain path."""
+    """Options for how a path moves rows; the defaults give the plain path."""
 
     dispatch_dtype: str | None = None  # None: the layer's dtype; "bfloat16"; "fp8": e4m3 with per-block scales
     overlap: bool = False  # issue token collectives asynchronously and overlap them with compute
@@ -42,7 +42,11 @@ class PathOptions:
 
     @property
     def label(self) -> str:
-        parts = ([self.dispatch_dtype] if self.dispatch_dtype else []) + (["overlap"] if self.overlap else [])
+        parts = []
+        if self.dispatch_dtype:
+            parts.append(self.dispatch_dtype)
+        if self.overlap:
+            parts.append("overlap")
         return "+".join(parts)
 
 
@@ -172,7 +176,7 @@ def _moe_forward_overlapped(path, comm: RecordingComm, layer: LocalLayer, batch:
     """Pipeline over chunks: chunk c+1's tokens travel while chunk c's experts compute.
 
     The time left in the `dispatch` phase is the communication that compute did not hide. On
-    gloo the asynchronous collectives run on gloo's own threads; on NCCL they run on NCCL's
+    gloo the asynchronous collectives run on gloo's own threads. On NCCL they run on NCCL's
     stream while the experts run on the current stream, and `wait` makes the current stream
     wait for them.
     NOTE: the NCCL overlap has not been run here (no GPU machine was available); the gloo
