@@ -10,8 +10,8 @@ stored per expert, as DeepSeek-V2 checkpoints and `transformers`' `save_pretrain
     model.layers.N.mlp.shared_experts.{gate,up}_proj.weight (n_shared * moe_intermediate, hidden)
     model.layers.N.mlp.shared_experts.down_proj.weight      (hidden, n_shared * moe_intermediate)
 
-Tensors are read through safetensors' `safe_open`, one tensor at a time, so a rank that asks
-for its own experts reads only those and holds only its share of the layer in memory.
+Tensors are read through safetensors' `safe_open`, one tensor at a time. A rank that requests
+its own experts reads only those, so its memory contains only its share of the layer.
 Shapes are checked from the file headers before any weight is read.
 """
 
@@ -54,7 +54,7 @@ class CheckpointError(ConfigError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """An opened snapshot: its MoE shape, which file holds each tensor, and where it came from."""
+    """An opened snapshot: its MoE shape, the file of each tensor, and where it came from."""
 
     path: Path
     name: str  # for example "deepseek-ai/DeepSeek-V2-Lite", or the folder name
@@ -89,7 +89,7 @@ class Checkpoint:
     # ---- tensor names and shapes ----
 
     def expected_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
-        """Every tensor of MoE layer `layer` the kit reads, with its shape."""
+        """Return every tensor name of MoE layer `layer` that the kit reads, with its shape."""
         cfg = self.cfg
         H, I, S = cfg.hidden, cfg.moe_intermediate, cfg.shared_intermediate
         prefix = f"model.layers.{layer}.mlp"
@@ -145,7 +145,7 @@ class Checkpoint:
             )
 
     def _files_of(self, names: list[str]) -> dict[str, list[str]]:
-        """Group tensor names by the file that holds them; reject missing tensors and shards."""
+        """Group tensor names by the file that contains them. Raise on a missing tensor or shard."""
         by_file: dict[str, list[str]] = defaultdict(list)
         for name in names:
             if name not in self.weight_map:
@@ -177,12 +177,12 @@ class Checkpoint:
         return tensors
 
     def gate_weight(self, layer: int) -> torch.Tensor:
-        """The router weight (n_experts, hidden) in float32, the dtype DeepSeek-V2 scores in."""
+        """Read the router weight (n_experts, hidden) as float32, the dtype DeepSeek-V2 scores in."""
         name = f"model.layers.{layer}.mlp.gate.weight"
         return self.read([name])[name].float()
 
     def experts(self, layer: int, expert_ids: list[int], dtype: torch.dtype) -> ExpertWeights:
-        """The routed experts `expert_ids`, stacked in that order, read and nothing more."""
+        """Read the routed experts `expert_ids` and stack them in that order. No other expert is read."""
         cfg = self.cfg
         if not expert_ids:
             empty = torch.empty(0, cfg.moe_intermediate, cfg.hidden, dtype=dtype)
@@ -197,7 +197,7 @@ class Checkpoint:
         return ExpertWeights(list(expert_ids), stacked["gate_proj"], stacked["up_proj"], stacked["down_proj"])
 
     def shared_experts(self, layer: int, dtype: torch.dtype) -> SharedExpertWeights | None:
-        """The shared experts, stored fused as one SwiGLU of width n_shared * moe_intermediate."""
+        """Read the shared experts, stored fused as one SwiGLU of width n_shared * moe_intermediate."""
         if not self.cfg.n_shared_experts:
             return None
         prefix = f"model.layers.{layer}.mlp.shared_experts"
@@ -241,7 +241,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a local snapshot: read config.json and the tensor index, check the MoE shape is supported."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {str(path)!r} not found; pass the folder that holds config.json")
+        raise CheckpointError(f"checkpoint folder {str(path)!r} not found; pass the folder that contains config.json")
     hf_config = _read_config(path)
     name, revision = snapshot_identity(path)
     cfg = moe_config_of(hf_config, name, path)
@@ -263,7 +263,7 @@ def _read_config(path: Path) -> dict:
 
 
 def moe_config_of(hf_config: dict, name: str, path: Path | str = "") -> MoEConfig:
-    """The MoE shape of a DeepSeek-V2-family config.json, with the family's defaults filled in.
+    """Build the MoE shape of a DeepSeek-V2-family config.json, with the family's defaults filled in.
 
     Fills `hf_config` in place with those defaults. Rejects what the kit cannot represent:
     another model family, a scoring function other than softmax, and group-limited top-k

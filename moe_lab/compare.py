@@ -9,10 +9,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .checkpoint import open_checkpoint
 from .comm import RecordingComm
 from .errors import InputError
 from .launch import DEFAULT_TIMEOUT_S, RankContext, resolve_backend, run_ranks, run_torchrun_rank
-from .checkpoint import open_checkpoint
 from .moe import ExpertWeights, SharedExpertWeights, init_experts, init_shared_experts, reference_forward
 from .paths import PATHS, LocalLayer, RankBatch, get_path, moe_forward
 from .workload import Workload, WorkloadSpec, build_workload
@@ -93,7 +93,7 @@ def rank_batch(workload: Workload, rank: int, whole_batch: bool, device: torch.d
 
 
 def layer_weights(workload: Workload, expert_ids: list[int]) -> tuple[ExpertWeights, SharedExpertWeights | None]:
-    """The routed experts `expert_ids` and the shared experts: read from the workload's checkpoint, else seeded."""
+    """Read the routed experts `expert_ids` and the shared experts from the workload's checkpoint, or draw them from the seed."""
     if workload.checkpoint is not None:
         checkpoint = open_checkpoint(workload.checkpoint)
         experts = checkpoint.experts(workload.layer, expert_ids, workload.dtype)

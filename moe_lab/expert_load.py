@@ -1,9 +1,9 @@
 """Expert-load statistics of a routing trace, and what each path would move for it.
 
-For every MoE layer of a trace: how many (token, expert) pairs each expert gets, what share of
-each token's experts sit on the token's own rank under each placement (tokens split over the
-ranks in contiguous blocks, as a replay splits them), and the bytes each path sends, from the
-analytic formulas in `moe_lab.bytes_model`. `trace_stats` returns plain numbers,
+For every MoE layer of a trace this counts the (token, expert) pairs each expert gets. It also
+finds the share of each token's experts on the token's own rank under each placement, with the
+tokens split over the ranks in contiguous blocks as a replay splits them. The bytes each path
+sends come from the analytic formulas in `moe_lab.bytes_model`. `trace_stats` returns plain numbers,
 `format_trace_stats` prints them, `plot_trace_stats` draws them.
 """
 
@@ -118,7 +118,7 @@ def placements_skipped(placements, cfg: MoEConfig, world_size: int) -> dict[str,
 
 
 def _bytes_workload(cfg, placement, dtype, tokens_per_rank, ids, weights) -> Workload:
-    """A workload with the trace's routing, for the byte formulas (they never read token values)."""
+    """Build a workload with the trace's routing for the byte formulas, which never read token values."""
     routing = Routing(list(ids.split(tokens_per_rank)), list(weights.split(tokens_per_rank)))
     hidden = [torch.empty(tokens, cfg.hidden, dtype=dtype) for tokens in tokens_per_rank]
     return Workload(cfg, placement, dtype, 0, list(tokens_per_rank), hidden, routing, source="trace")
@@ -143,7 +143,7 @@ def _human(value: float) -> str:
 
 
 def format_trace_stats(stats: dict) -> str:
-    """The statistics as text tables: expert load, local share, and bytes per path."""
+    """Format the statistics as text tables: expert load, local share, and bytes per path."""
     checkpoint = stats["checkpoint"]
     placements = stats["placements"]
     lines = [

@@ -2,13 +2,13 @@
 
 The model runs through `transformers` from the local snapshot (nothing is downloaded). A
 forward hook on every MoE gate module (`model.layers.L.mlp.gate`) stores the expert ids and
-weights the gate returned, so the trace holds the model's own routing, and, for the layers
-asked for, the gate's input: the hidden states entering the MoE layer. The same hook reruns
+weights the gate returned, so the trace contains the model's own routing. For the requested
+layers it also stores the gate's input, which is the hidden states entering the MoE layer. The hook reruns
 moe_lab's gate on that input with the gate's weight and counts the tokens where the two
 disagree, which checks that the kit's gate is the model's gate.
 
-The text is split into paragraphs at blank lines; each paragraph is tokenised with the
-snapshot's own tokenizer and run as its own sequence, like separate requests in one batch.
+The text is split into paragraphs at blank lines. Each paragraph is tokenised with the
+snapshot's own tokenizer and runs as its own sequence, like separate requests in one batch.
 The trace format is described in `moe_lab.trace`.
 """
 
@@ -69,13 +69,19 @@ def tokenize_text(checkpoint_dir: str | Path, text: str, max_tokens: int | None 
 
 
 def load_model(checkpoint_dir: str | Path, device: str = "cpu", model_dtype: str = "auto"):
-    """The snapshot's causal language model through `transformers`, in eval mode on `device`."""
+    """Load the snapshot's causal language model through `transformers`, in eval mode on `device`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
 
     if model_dtype not in MODEL_DTYPES:
         raise TraceError(f"unknown model dtype {model_dtype!r}; choose one of {', '.join(MODEL_DTYPES)}")
     dtype = model_dtype if model_dtype == "auto" else getattr(torch, model_dtype)
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise TraceError(f"invalid device {device!r}; use cpu or cuda:N") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise TraceError(f"device {device!r} needs a GPU, but torch sees none; use --device cpu")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:

@@ -1,7 +1,7 @@
 """Routing traces: what a real model's gates chose on real text, stored to replay on the paths.
 
 A trace is one safetensors file (`python -m moe_lab trace` writes them under `data/traces/`).
-For T tokens, k experts per token and hidden size H it holds these tensors:
+For T tokens, k experts per token and hidden size H it contains these tensors:
 
     input_ids                  (T,) int64     the tokens, every sequence one after another
     layers.L.topk_ids          (T, k) int64   for each MoE layer L: each token's experts, in the
@@ -171,7 +171,7 @@ class TraceFile:
         return checkpoint.get("name") or self.path.stem
 
     def default_layer(self) -> int:
-        """The first layer with recorded hidden states, else the first MoE layer."""
+        """Return the first layer with recorded hidden states, else the first MoE layer."""
         return (self.hidden_state_layers or self.moe_layers)[0]
 
     def check_layer(self, layer: int) -> None:
@@ -218,7 +218,7 @@ class TraceFile:
         return hidden
 
     def load(self) -> Trace:
-        """Every tensor of the trace, in memory."""
+        """Read every tensor of the trace into memory."""
         input_ids = self._read(["input_ids"])["input_ids"]
         ids, weights = {}, {}
         for layer in self.moe_layers:

@@ -61,11 +61,14 @@ def test_snapshot_is_per_expert(tiny_snapshots):
 
 def test_config_defaults_filled(tiny_snapshots):
     raw = json.loads((tiny_snapshots["single"] / "config.json").read_text())
-    assert "scoring_func" not in raw and "moe_layer_freq" not in raw  # what transformers 5 leaves out
+    # transformers 5 leaves these keys out of the config.json it writes.
+    assert "scoring_func" not in raw
+    assert "moe_layer_freq" not in raw
     checkpoint = open_checkpoint(tiny_snapshots["single"])
     cfg = checkpoint.cfg
     assert (cfg.hidden, cfg.moe_intermediate, cfg.n_experts, cfg.top_k, cfg.n_shared_experts) == (32, 16, 8, 2, 2)
-    assert cfg.scoring_func == "softmax" and cfg.topk_method == "greedy"
+    assert cfg.scoring_func == "softmax"
+    assert cfg.topk_method == "greedy"
     assert cfg.routed_scaling_factor == 1.5
     assert checkpoint.moe_layers == list(MOE_LAYERS)
 
@@ -180,7 +183,8 @@ def test_path_matches_transformers_experts(hf_results, tiny_model, path):
 
 def test_checkpoint_workload_metadata(hf_results):
     workload = hf_results["gate-layer1-sharded"].workload
-    assert workload.layer == 1 and workload.checkpoint.endswith("tiny-deepseek-v2-sharded")
+    assert workload.layer == 1
+    assert workload.checkpoint.endswith("tiny-deepseek-v2-sharded")
     assert workload.source == "gate of tiny-deepseek-v2-sharded layer 1"
     assert workload.extra["checkpoint_name"] == "tiny-deepseek-v2-sharded"
 
@@ -231,7 +235,8 @@ def test_missing_shard_rejected(tiny_snapshots, tmp_path):
     shard = shard_of(folder, tensor)
     (folder / shard).unlink()
     message = rejection(folder)
-    assert f"shard {shard!r}" in message and "is missing" in message
+    assert f"shard {shard!r}" in message
+    assert "is missing" in message
     assert "model.layers.1.mlp." in message
 
 
@@ -259,7 +264,8 @@ def test_tensor_missing_from_single_file_rejected(tiny_snapshots, tmp_path):
     folder = copy_snapshot(tiny_snapshots["single"], tmp_path)
     rewrite_tensor(folder, "model.safetensors", "model.layers.1.mlp.gate.weight", None)
     message = rejection(folder)
-    assert "tensor 'model.layers.1.mlp.gate.weight' is missing" in message and "'model.safetensors'" in message
+    assert "tensor 'model.layers.1.mlp.gate.weight' is missing" in message
+    assert "'model.safetensors'" in message
 
 
 def test_wrong_shape_rejected(tiny_snapshots, tmp_path):
@@ -279,7 +285,8 @@ def test_bad_folder_exits_2_via_cli(tiny_snapshots, tmp_path, capsys):
     code = main(["compare", "--checkpoint", str(folder), "--layer", "2", "--out", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"moe_lab: error: shard {shard!r}" in err and "Traceback" not in err
+    assert f"moe_lab: error: shard {shard!r}" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -316,7 +323,8 @@ def test_moe_layer_freq_respected(tiny_snapshots, tmp_path):
     folder = copy_snapshot(tiny_snapshots["single"], tmp_path)
     edit_config(folder, moe_layer_freq=2)
     checkpoint, layer = open_checkpoint_layer(folder)
-    assert checkpoint.moe_layers == [2] and layer == 2
+    assert checkpoint.moe_layers == [2]
+    assert layer == 2
 
 
 def test_folder_without_weights_rejected(tmp_path, tiny_snapshots):

@@ -65,14 +65,16 @@ def test_split_paragraphs():
 def test_trace_metadata(tiny_trace):
     trace = open_trace(tiny_trace)
     assert is_trace_file(tiny_trace)
-    assert trace.moe_layers == [1, 2] and trace.hidden_state_layers == [2]
+    assert trace.moe_layers == [1, 2]
+    assert trace.hidden_state_layers == [2]
     assert trace.n_tokens == TRACE_TOKENS
     assert trace.metadata["sequence_lengths"] == [17, 8, 12]
     assert trace.metadata["checkpoint"]["name"] == "tiny-deepseek-v2"
     assert trace.metadata["checkpoint"]["revision"] == FAKE_REVISION
     assert trace.metadata["text"]["sha256"] == hashlib.sha256(TRACE_TEXT.encode()).hexdigest()
     assert trace.metadata["model_dtype"] == "float32"
-    assert trace.cfg.top_k == 2 and trace.cfg.routed_scaling_factor == 1.5
+    assert trace.cfg.top_k == 2
+    assert trace.cfg.routed_scaling_factor == 1.5
 
 
 def test_trace_tokens_from_snapshot_tokenizer(tiny_trace):
@@ -122,7 +124,8 @@ def test_gate_output_layouts():
     logits = torch.randn(2, 4)
     for output in ((logits, weights, ids), (ids, weights, None)):  # transformers 5, DeepSeek's own code
         got_ids, got_weights = routing_of_gate_output(output, top_k=2)
-        assert torch.equal(got_ids, ids) and torch.equal(got_weights, weights)
+        assert torch.equal(got_ids, ids)
+        assert torch.equal(got_weights, weights)
     with pytest.raises(TraceError, match="expected an integer and a float tensor"):
         routing_of_gate_output((logits,), top_k=2)
 
@@ -133,9 +136,11 @@ def test_gate_output_layouts():
 def test_replay_splits_contiguous_blocks(hf_results, tiny_trace):
     trace = open_trace(tiny_trace)
     workload = hf_results["trace-layer2-checkpoint"].workload
-    assert workload.layer == 2 and workload.tokens_per_rank == [19, 18]
+    assert workload.layer == 2
+    assert workload.tokens_per_rank == [19, 18]
     ids, weights = workload.routing.concat()
-    assert torch.equal(ids, trace.routing(2)[0]) and torch.equal(weights, trace.routing(2)[1])
+    assert torch.equal(ids, trace.routing(2)[0])
+    assert torch.equal(weights, trace.routing(2)[1])
     assert torch.equal(torch.cat(workload.hidden), trace.hidden_states(2))
     assert workload.source == "trace tiny-deepseek-v2 layer 2, recorded hidden states"
     assert workload.extra["trace_checkpoint"]["revision"] == FAKE_REVISION
@@ -143,7 +148,8 @@ def test_replay_splits_contiguous_blocks(hf_results, tiny_trace):
 
 def test_replay_without_hidden_states_draws_tokens(hf_results, tiny_trace):
     workload = hf_results["trace-layer1-seeded"].workload
-    assert workload.checkpoint is None and workload.placement.kind == "round_robin"
+    assert workload.checkpoint is None
+    assert workload.placement.kind == "round_robin"
     assert workload.tokens_per_rank == [19, 18]
     assert torch.equal(workload.routing.concat()[0], open_trace(tiny_trace).routing(1)[0])
 
@@ -180,7 +186,8 @@ def test_safetensors_without_trace_rejected(tmp_path):
 def test_stats_counts(tiny_trace):
     stats = trace_stats(tiny_trace, world_size=2, backend="gloo", dtype="float32")
     trace = open_trace(tiny_trace)
-    assert stats["layers"] == [1, 2] and stats["tokens_per_rank"] == [19, 18]
+    assert stats["layers"] == [1, 2]
+    assert stats["tokens_per_rank"] == [19, 18]
     for layer in (1, 2):
         ids, _ = trace.routing(layer)
         assert sum(stats["tokens_per_expert"][layer]) == TRACE_TOKENS * 2
@@ -245,7 +252,8 @@ def test_trace_command_records_and_replays(tiny_snapshots, tmp_path, capsys):
     assert "21 tokens in 2 sequences, routing of MoE layers [1, 2], hidden states of layers [1]" in completed.stdout
     assert "picks the model's experts for 42 of 42" in completed.stdout
     trace = open_trace(trace_path)
-    assert trace.metadata["sequence_lengths"] == [17, 4] and trace.metadata["checkpoint"]["revision"] is None
+    assert trace.metadata["sequence_lengths"] == [17, 4]
+    assert trace.metadata["checkpoint"]["revision"] is None
 
     code = main(["compare", "--routing-file", str(trace_path), "--checkpoint", str(tiny_snapshots["sharded"]),
                  "--repeats", "1", "--json", "--out", str(tmp_path / "runs")])
@@ -268,6 +276,7 @@ def test_trace_command_default_path(tiny_snapshots, tmp_path):
     (["--hidden-layer", "0"], "layer 0 of checkpoint"),
     (["--model-dtype", "float64"], "unknown model dtype 'float64'"),
     (["--max-tokens", "0"], "max_tokens must be >= 1"),
+    (["--device", "tpu-ish"], "invalid device 'tpu-ish'"),
 ])
 def test_trace_command_bad_input(tiny_snapshots, tmp_path, capsys, extra, message):
     text_file = tmp_path / "text.txt"
@@ -276,7 +285,8 @@ def test_trace_command_bad_input(tiny_snapshots, tmp_path, capsys, extra, messag
     code = main(args + extra)
     err = capsys.readouterr().err
     assert code == 2, err
-    assert message in err and "Traceback" not in err
+    assert message in err
+    assert "Traceback" not in err
 
 
 def test_trace_needs_tokenizer(tiny_snapshots, tmp_path, capsys):
