@@ -300,6 +300,8 @@ def moe_config_of(hf_config: dict, name: str, path: Path | str = "") -> MoEConfi
         value = hf_config[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "first_k_dense_replace" else 1):
             raise CheckpointError(f"{where}: config.json key {key}={value!r} is invalid")
+    # NOTE: transformers 5.23's DeepseekV2 router ignores norm_topk_prob, while moe_lab's gate
+    # renormalises when it is true, so such a checkpoint's traces show it in their gate_check.
     try:
         return config_from_hf_dict(hf_config, name=name)
     except ConfigError as err:
