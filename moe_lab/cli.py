@@ -17,6 +17,7 @@ from .launch import BACKENDS, DEFAULT_TIMEOUT_S, RankError, under_torchrun
 from .paths import DISPATCH_DTYPES, PATHS
 from .results import path_row, result_json, result_metadata, rows_csv, write_atomic
 from .routing import PLACEMENTS, ROUTINGS
+from .trace import is_trace_file
 from .workload import DTYPES, WorkloadSpec
 
 DEFAULT_TOKENS = 64  # per rank: the default compare finishes in about 20 s on 2 CPU cores
@@ -57,7 +58,7 @@ def add_compare_parser(subparsers) -> None:
     parser.add_argument("--world-size", type=int, default=None, help="number of ranks (default: 2)")
     parser.add_argument("--tokens", type=parse_tokens, default=None,
                         help=f"tokens per rank, one number or one per rank like 7,1,4 (default: {DEFAULT_TOKENS})")
-    parser.add_argument("--routing", default="gate", help=f"routing source: {', '.join(ROUTINGS)} (default: %(default)s)")
+    parser.add_argument("--routing", default=None, help=f"routing source: {', '.join(ROUTINGS)} (default: gate)")
     parser.add_argument("--locality", type=float, default=1.0,
                         help="for --routing local: share of each token's experts on its own rank, 0..1 (default: %(default)s)")
     parser.add_argument("--zipf-exponent", type=float, default=1.2, help="for --routing skewed: Zipf exponent (default: %(default)s)")
@@ -76,28 +77,48 @@ def add_compare_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for weights, tokens and synthetic routing (default: 0)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="collective timeout in seconds (default: %(default)s)")
     parser.add_argument("--routing-file", default=None,
-                        help="explicit routing from a JSON file; the file also sets shape, ranks, placement, dtype and seed")
+                        help="explicit routing from a JSON file (it also sets shape, ranks, placement, dtype and seed), "
+                        "or a trace recorded by `trace` (it sets shape and routing; its tokens are split over the ranks)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="local Hugging Face snapshot of a DeepSeek-V2-family model: shape, gate and expert weights "
+                        "come from its MoE layer --layer")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="model layer to run, for --checkpoint or a trace (default: the first MoE layer, "
+                        "or the trace's layer with recorded hidden states)")
     parser.add_argument("--out", default="data/runs", help="folder for the CSV and JSON metadata (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
 
 
 def spec_from_args(args) -> WorkloadSpec:
-    if args.routing_file is not None:
-        conflicting = [name for name in ("world_size", "tokens", "placement", "dtype", "seed") if getattr(args, name) is not None]
-        if conflicting or args.preset != "deepseek-v2-lite":
-            options = ", ".join("--" + name.replace("_", "-") for name in conflicting + (["preset"] if args.preset != "deepseek-v2-lite" else []))
+    trace = args.routing_file is not None and is_trace_file(args.routing_file)
+    preset_given = args.preset != "deepseek-v2-lite"
+    if args.routing_file is not None and not trace:
+        conflicting = [name for name in ("world_size", "tokens", "placement", "dtype", "seed", "routing", "checkpoint", "layer") if getattr(args, name) is not None]
+        if conflicting or preset_given:
+            options = ", ".join("--" + name.replace("_", "-") for name in conflicting + (["preset"] if preset_given else []))
             raise InputError(f"--routing-file sets the shape, ranks, placement, dtype and seed; drop {options}")
+    if trace and (preset_given or args.routing is not None):
+        options = ", ".join(option for option, given in (("--preset", preset_given), ("--routing", args.routing is not None)) if given)
+        raise InputError(f"a trace sets the shape and the routing; drop {options}")
+    if args.checkpoint is not None and preset_given:
+        raise InputError("--checkpoint sets the MoE shape from its config.json; drop --preset")
+    if trace:
+        tokens = args.tokens  # None: replay every token of the trace
+    else:
+        tokens = DEFAULT_TOKENS if args.tokens is None else args.tokens
     return WorkloadSpec(
         preset=args.preset,
         world_size=2 if args.world_size is None else args.world_size,
-        tokens=DEFAULT_TOKENS if args.tokens is None else args.tokens,
-        routing=args.routing,
+        tokens=tokens,
+        routing=args.routing or "gate",
         locality=args.locality,
         zipf_exponent=args.zipf_exponent,
         placement=args.placement or "contiguous",
         dtype=args.dtype or "float32",
         seed=0 if args.seed is None else args.seed,
         routing_file=args.routing_file,
+        checkpoint=args.checkpoint,
+        layer=args.layer,
     )
 
 
@@ -193,10 +214,95 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def add_trace_parser(subparsers) -> None:
+    from .record import DEFAULT_TRACE_DIR, MODEL_DTYPES
+
+    parser = subparsers.add_parser(
+        "trace",
+        help="run a real model on text and record every MoE layer's routing",
+        description="Run a local DeepSeek-V2-family snapshot with transformers on a text file (each "
+        "paragraph one sequence, tokenised with the snapshot's tokenizer) and record, for every MoE "
+        "layer, each token's expert ids and weights in a trace file that compare --routing-file replays.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="local Hugging Face snapshot folder (config.json, safetensors, tokenizer)")
+    parser.add_argument("--text-file", required=True, help="UTF-8 text; paragraphs (separated by blank lines) run as separate sequences")
+    parser.add_argument("--hidden-layer", type=int, action="append", default=[],
+                        help="also record this MoE layer's input hidden states, so a replay runs on real tokens (repeatable)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="stop after this many tokens in all (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device for the model (default: %(default)s)")
+    parser.add_argument("--model-dtype", default="auto",
+                        help=f"dtype to run the model in: {', '.join(MODEL_DTYPES)}; auto keeps the checkpoint's (default: %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_TRACE_DIR, help="folder for the trace file (default: %(default)s)")
+    parser.add_argument("--output", default=None, help="exact path of the trace file (overrides --out)")
+
+
+def add_trace_stats_parser(subparsers) -> None:
+    from .expert_load import BACKENDS
+
+    parser = subparsers.add_parser(
+        "trace-stats",
+        help="print the expert load of a trace and the bytes each path would move for it",
+        description="Expert-load statistics of a trace: pairs per expert per layer, the share of each "
+        "token's experts on its own rank under each placement, and the bytes each path would send.",
+    )
+    parser.add_argument("trace", help="trace file written by `python -m moe_lab trace`")
+    parser.add_argument("--world-size", type=int, default=2, help="ranks the tokens are split over (default: %(default)s)")
+    parser.add_argument("--placements", type=parse_paths, default=PLACEMENTS, help=f"comma-separated placements (default: {','.join(PLACEMENTS)})")
+    parser.add_argument("--backend", default="nccl", help=f"collective algorithms for byte counts: {', '.join(BACKENDS)} (default: %(default)s)")
+    parser.add_argument("--dtype", default=None, help=f"token dtype for byte counts: {', '.join(DTYPES)} (default: the dtype the model ran in)")
+    parser.add_argument("--figure", default=None, help="also save the figure as this PNG file")
+    parser.add_argument("--json", action="store_true", help="print the statistics as JSON instead of tables")
+
+
+def cmd_trace(args) -> int:
+    from .record import default_trace_path, record_trace, text_file_info, tokenize_text
+    from .trace import TraceError, save_trace
+
+    text_path = Path(args.text_file)
+    if not text_path.is_file():
+        raise TraceError(f"text file {args.text_file!r} not found")
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TraceError(f"text file {args.text_file!r} is not UTF-8: {err}") from None
+    sequences = tokenize_text(args.checkpoint, text, args.max_tokens)
+    trace = record_trace(
+        args.checkpoint, sequences, hidden_layers=args.hidden_layer, device=args.device,
+        model_dtype=args.model_dtype, text_info=text_file_info(text_path, text),
+    )
+    path = save_trace(trace, args.output or default_trace_path(trace, text_path, args.out))
+    checkpoint = trace.metadata["checkpoint"]
+    mismatched = sum(check["mismatched_tokens"] for check in trace.metadata["gate_check"].values())
+    print(f"checkpoint {checkpoint['name']} revision {checkpoint['revision'] or 'unknown'}, model dtype {trace.metadata['model_dtype']}")
+    print(f"{trace.n_tokens} tokens in {len(sequences)} sequences, routing of MoE layers {trace.moe_layers}, "
+          f"hidden states of layers {sorted(trace.hidden_states) or 'none'}")
+    print(f"moe_lab's gate on the recorded gate inputs picks the model's experts for "
+          f"{trace.n_tokens * len(trace.moe_layers) - mismatched} of {trace.n_tokens * len(trace.moe_layers)} (token, layer) pairs")
+    print(f"saved {path}")
+    print(f"next: python -m moe_lab trace-stats {path}   or   python -m moe_lab compare --routing-file {path}")
+    return 0
+
+
+def cmd_trace_stats(args) -> int:
+    from .expert_load import format_trace_stats, plot_trace_stats, trace_stats
+
+    stats = trace_stats(args.trace, world_size=args.world_size, placements=args.placements, backend=args.backend, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(stats, indent=1))
+    else:
+        print(format_trace_stats(stats))
+    if args.figure:
+        plot_trace_stats(stats, args.figure)
+        print(f"saved {args.figure}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m moe_lab", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_compare_parser(subparsers)
+    add_trace_parser(subparsers)
+    add_trace_stats_parser(subparsers)
     return parser
 
 
@@ -205,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"compare": cmd_compare}[args.command](args)
+        return {"compare": cmd_compare, "trace": cmd_trace, "trace-stats": cmd_trace_stats}[args.command](args)
     except InputError as err:
         print(f"moe_lab: error: {err}", file=sys.stderr)
         return 2

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .checkpoint import open_checkpoint
 from .comm import RecordingComm
 from .errors import InputError
 from .launch import DEFAULT_TIMEOUT_S, RankContext, resolve_backend, run_ranks, run_torchrun_rank
-from .moe import init_experts, init_shared_experts, reference_forward
+from .moe import ExpertWeights, SharedExpertWeights, init_experts, init_shared_experts, reference_forward
 from .paths import DISPATCH_DTYPES, PATHS, LocalLayer, PathOptions, RankBatch, get_path, moe_forward
 from .workload import Workload, WorkloadSpec, build_workload
 
@@ -131,9 +132,18 @@ def rank_batch(workload: Workload, rank: int, whole_batch: bool, device: torch.d
     return batch
 
 
+def layer_weights(workload: Workload, expert_ids: list[int]) -> tuple[ExpertWeights, SharedExpertWeights | None]:
+    """Read the routed experts `expert_ids` and the shared experts from the workload's checkpoint, or draw them from the seed."""
+    if workload.checkpoint is not None:
+        checkpoint = open_checkpoint(workload.checkpoint)
+        experts = checkpoint.experts(workload.layer, expert_ids, workload.dtype)
+        return experts, checkpoint.shared_experts(workload.layer, workload.dtype)
+    experts = init_experts(workload.cfg, expert_ids, workload.seed, workload.dtype)
+    return experts, init_shared_experts(workload.cfg, workload.seed, workload.dtype)
+
+
 def local_layer(workload: Workload, rank: int, device: torch.device) -> LocalLayer:
-    experts = init_experts(workload.cfg, workload.placement.local_experts(rank), workload.seed, workload.dtype)
-    shared = init_shared_experts(workload.cfg, workload.seed, workload.dtype)
+    experts, shared = layer_weights(workload, workload.placement.local_experts(rank))
     for weights in (experts, shared):
         if weights is not None:
             for name, tensor in vars(weights).items():
@@ -185,9 +195,7 @@ def measure_workload(ctx: RankContext, spec: WorkloadSpec, variants: tuple[Varia
 
 def reference_output(workload: Workload) -> torch.Tensor:
     """The whole batch through the single-process reference, (T, H)."""
-    cfg = workload.cfg
-    experts = init_experts(cfg, list(range(cfg.n_experts)), workload.seed, workload.dtype)
-    shared = init_shared_experts(cfg, workload.seed, workload.dtype)
+    experts, shared = layer_weights(workload, list(range(workload.cfg.n_experts)))
     ids, weights = workload.routing.concat()
     return reference_forward(torch.cat(workload.hidden), ids, weights, experts, shared)
 

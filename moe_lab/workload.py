@@ -10,6 +10,15 @@ Routing file format (JSON object), the same as the kit's test cases:
     tokens_per_rank: [T_0, T_1, ...];
     topk_ids[r][t], topk_weights[r][t]: the top_k experts of token t on rank r and their weights.
 The file sets the shape, world size, placement, dtype and seed of the run.
+
+A routing file can also be a trace recorded from a real model (format in `moe_lab.trace`);
+`build_workload` tells the two apart by content. A trace sets only the shape and the routing:
+the spec's world size, placement, dtype and seed apply, and its tokens are split over the
+ranks in contiguous blocks.
+
+With `checkpoint`, the MoE shape, the gate and the expert weights of one layer come from a
+local Hugging Face snapshot (see `moe_lab.checkpoint`); tokens are still drawn from the seed
+unless a trace supplies recorded hidden states.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import Checkpoint, open_checkpoint_layer
 from .config import ConfigError, MoEConfig, resolve_config
 from .moe import STREAM_HIDDEN, init_gate_weight, make_generator
 from .routing import (
@@ -31,6 +41,7 @@ from .routing import (
     synthetic_routing,
     validate_routing,
 )
+from .trace import TraceError, is_trace_file, open_trace, split_tokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IDS_DTYPES = {"int64": torch.int64, "int32": torch.int32}
@@ -44,14 +55,16 @@ ROUTING_FILE_KEYS = (
 class WorkloadSpec:
     preset: str | MoEConfig = "deepseek-v2-lite"  # preset name, path to a Hugging Face config.json, or a MoEConfig
     world_size: int = 2
-    tokens: int | tuple[int, ...] = 64  # tokens per rank, or one count per rank
+    tokens: int | tuple[int, ...] | None = 64  # tokens per rank, or one count per rank; None: a whole trace
     routing: str = "gate"
     locality: float = 1.0  # for routing="local": share of each token's experts on its own rank
     zipf_exponent: float = 1.2  # for routing="skewed"
     placement: str = "contiguous"
     dtype: str = "float32"
     seed: int = 0
-    routing_file: str | None = None  # explicit routing; sets shape, ranks, placement, dtype, seed
+    routing_file: str | None = None  # explicit routing (sets shape, ranks, placement, dtype, seed) or a trace
+    checkpoint: str | None = None  # local snapshot folder: shape, gate and expert weights of one layer
+    layer: int | None = None  # model layer of the checkpoint or trace; default: the first MoE layer
 
 
 @dataclass
@@ -65,6 +78,8 @@ class Workload:
     routing: Routing
     source: str = ""  # where the routing came from, for tables and metadata
     extra: dict = field(default_factory=dict)
+    checkpoint: str | None = None  # snapshot folder the expert weights come from; None: seeded weights
+    layer: int | None = None  # model layer of `checkpoint` (or of the replayed trace)
 
     @property
     def world_size(self) -> int:
@@ -112,19 +127,36 @@ def draw_hidden(cfg: MoEConfig, tokens_per_rank: list[int], seed: int, dtype: to
 def build_workload(spec: WorkloadSpec) -> Workload:
     """Turn a spec into tensors; the same spec gives the same tensors in every process."""
     if spec.routing_file is not None:
+        if is_trace_file(spec.routing_file):
+            return load_trace_workload(spec)
+        if spec.checkpoint is not None or spec.layer is not None:
+            raise RoutingError(
+                f"routing file {spec.routing_file!r} is a JSON routing file, which sets its own shape "
+                f"and seeded weights; a checkpoint or layer goes with a recorded trace or with no routing file"
+            )
         return load_routing_file(spec.routing_file)
     if not isinstance(spec.world_size, int) or spec.world_size < 1:
         raise ConfigError(f"world_size must be an integer >= 1, got {spec.world_size!r}")
     if spec.routing not in ROUTINGS:
         raise RoutingError(f"unknown routing {spec.routing!r}; choose one of {', '.join(ROUTINGS)}")
-    cfg = resolve_config(spec.preset)
+    checkpoint, layer = None, None
+    if spec.checkpoint is not None:
+        checkpoint, layer = open_checkpoint_layer(spec.checkpoint, spec.layer)
+        cfg = checkpoint.cfg
+    elif spec.layer is not None:
+        raise ConfigError(f"layer={spec.layer} needs a checkpoint or a trace to choose the layer from")
+    else:
+        cfg = resolve_config(spec.preset)
     placement = Placement(spec.placement, cfg.n_experts, spec.world_size)
     dtype = parse_dtype(spec.dtype)
+    if spec.tokens is None:
+        raise ConfigError("tokens=None (the whole trace) needs a trace as routing file; give a token count")
     tokens_per_rank = tokens_per_rank_of(spec.tokens, spec.world_size)
     hidden = draw_hidden(cfg, tokens_per_rank, spec.seed, dtype)
 
     if spec.routing == "gate":
-        routing = gate_routing(hidden, init_gate_weight(cfg, spec.seed), cfg)
+        gate_weight = init_gate_weight(cfg, spec.seed) if checkpoint is None else checkpoint.gate_weight(layer)
+        routing = gate_routing(hidden, gate_weight, cfg)
         source = "gate"
     else:
         routing = synthetic_routing(
@@ -135,7 +167,13 @@ def build_workload(spec: WorkloadSpec) -> Workload:
             source += f" p={spec.locality:g}"
         elif spec.routing == "skewed":
             source += f" s={spec.zipf_exponent:g}"
-    return Workload(cfg, placement, dtype, spec.seed, tokens_per_rank, hidden, routing, source)
+    if checkpoint is None:
+        return Workload(cfg, placement, dtype, spec.seed, tokens_per_rank, hidden, routing, source)
+    source = f"gate of {checkpoint.name} layer {layer}" if spec.routing == "gate" else f"{source}, weights of {checkpoint.name} layer {layer}"
+    return Workload(
+        cfg, placement, dtype, spec.seed, tokens_per_rank, hidden, routing, source,
+        extra={**checkpoint.describe(), "layer": layer}, checkpoint=str(checkpoint.path), layer=layer,
+    )
 
 
 def _require(data: dict, key: str, path: str):
@@ -194,3 +232,68 @@ def load_routing_file(path: str | Path) -> Workload:
         cfg, placement, dtype, data["seed"], tokens_per_rank, hidden, routing,
         source=f"file {Path(path).name}", extra={"routing_file": path},
     )
+
+
+def load_trace_workload(spec: WorkloadSpec) -> Workload:
+    """Replay one layer of a recorded trace, split over `spec.world_size` ranks (format in `moe_lab.trace`)."""
+    trace = open_trace(spec.routing_file)
+    layer = trace.default_layer() if spec.layer is None else spec.layer
+    trace.check_layer(layer)
+    cfg = trace.cfg
+    checkpoint: Checkpoint | None = None
+    if spec.checkpoint is not None:
+        checkpoint, layer = open_checkpoint_layer(spec.checkpoint, layer)
+        _check_same_shape(trace.cfg, checkpoint.cfg, spec)
+        cfg = checkpoint.cfg
+    if not isinstance(spec.world_size, int) or spec.world_size < 1:
+        raise ConfigError(f"world_size must be an integer >= 1, got {spec.world_size!r}")
+    placement = Placement(spec.placement, cfg.n_experts, spec.world_size)
+    dtype = parse_dtype(spec.dtype)
+
+    # Contiguous token blocks per rank, as a serving engine splits a batch.
+    if spec.tokens is None:
+        tokens_per_rank = split_tokens(trace.n_tokens, spec.world_size)
+    else:
+        tokens_per_rank = tokens_per_rank_of(spec.tokens, spec.world_size)
+        if sum(tokens_per_rank) > trace.n_tokens:
+            raise TraceError(
+                f"{sum(tokens_per_rank)} tokens requested ({tokens_per_rank} per rank) but trace "
+                f"{spec.routing_file!r} holds {trace.n_tokens}; ask for fewer, or leave tokens unset to replay all"
+            )
+    n_tokens = sum(tokens_per_rank)
+    ids, weights = trace.routing(layer)
+    ids_per_rank = list(ids[:n_tokens].split(tokens_per_rank))
+    weights_per_rank = list(weights[:n_tokens].split(tokens_per_rank))
+    routing = Routing(ids_per_rank, weights_per_rank)
+    validate_routing(routing, cfg, tokens_per_rank, source=f"trace {spec.routing_file!r} layer {layer}")
+
+    recorded = trace.hidden_states(layer)
+    if recorded is not None:
+        hidden = list(recorded[:n_tokens].to(dtype).split(tokens_per_rank))
+    else:
+        hidden = draw_hidden(cfg, tokens_per_rank, spec.seed, dtype)
+
+    source = f"trace {trace.label} layer {layer}" + (", recorded hidden states" if recorded is not None else "")
+    extra = {
+        "routing_file": spec.routing_file,
+        "layer": layer,
+        "trace_checkpoint": trace.metadata.get("checkpoint", {}),
+        "trace_tokens": trace.n_tokens,
+        "recorded_hidden_states": recorded is not None,
+    }
+    if checkpoint is not None:
+        extra.update(checkpoint.describe())
+    return Workload(
+        cfg, placement, dtype, spec.seed, tokens_per_rank, hidden, routing, source, extra=extra,
+        checkpoint=None if checkpoint is None else str(checkpoint.path), layer=layer,
+    )
+
+
+def _check_same_shape(traced: MoEConfig, loaded: MoEConfig, spec: WorkloadSpec) -> None:
+    for name in ("hidden", "moe_intermediate", "n_experts", "top_k", "n_shared_experts"):
+        if getattr(traced, name) != getattr(loaded, name):
+            raise TraceError(
+                f"trace {spec.routing_file!r} has {name}={getattr(traced, name)} but checkpoint "
+                f"{spec.checkpoint!r} has {name}={getattr(loaded, name)}; replay the trace with the "
+                f"checkpoint that recorded it"
+            )

@@ -75,3 +75,79 @@ def case_results():
 
 def load_case(name: str) -> dict:
     return json.loads((CASES_DIR / f"{name}.json").read_text())
+
+
+# ---- a tiny DeepSeek-V2 model from transformers, saved as local snapshots ----
+
+TRACE_TEXT = """the gate scores every expert and keeps the best two
+tokens move between ranks over the wire
+
+shared experts see every token of the batch
+
+each rank holds half of the routed experts and an unseen word
+"""
+FAKE_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from tiny_deepseek import build_model
+
+    return build_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshots(tiny_model, tmp_path_factory):
+    """Three snapshots of one model, each with a tokenizer.
+
+    single: one model.safetensors; sharded: transformers' own shards with an index;
+    spread: shards that split each layer's experts over several files.
+    """
+    from tiny_deepseek import build_tokenizer, save_snapshot, spread_shards
+
+    root = tmp_path_factory.mktemp("snapshots")
+    tokenizer = build_tokenizer()
+    single = save_snapshot(tiny_model, tokenizer, root / "tiny-deepseek-v2")
+    # What huggingface_hub writes beside a file downloaded with local_dir: the commit hash first.
+    metadata = single / ".cache" / "huggingface" / "download" / "config.json.metadata"
+    metadata.parent.mkdir(parents=True)
+    metadata.write_text(f"{FAKE_REVISION}\n\"etag\"\n1700000000.0\n")
+    sharded = save_snapshot(tiny_model, tokenizer, root / "tiny-deepseek-v2-sharded", max_shard_size="6KB")
+    spread = spread_shards(single, root / "tiny-deepseek-v2-spread")
+    return {"single": single, "sharded": sharded, "spread": spread}
+
+
+@pytest.fixture(scope="session")
+def tiny_trace(tiny_snapshots, tmp_path_factory):
+    """A trace of the tiny model on TRACE_TEXT, with layer 2's hidden states."""
+    from moe_lab.record import record_trace, text_file_info, tokenize_text
+    from moe_lab.trace import save_trace
+
+    folder = tmp_path_factory.mktemp("traces")
+    text_file = folder / "text.txt"
+    text_file.write_text(TRACE_TEXT)
+    sequences = tokenize_text(tiny_snapshots["single"], TRACE_TEXT)
+    trace = record_trace(tiny_snapshots["single"], sequences, hidden_layers=[2], text_info=text_file_info(text_file, TRACE_TEXT))
+    return save_trace(trace, folder / "tiny.safetensors")
+
+
+def hf_specs(snapshots, trace) -> dict[str, WorkloadSpec]:
+    """Workloads on the tiny checkpoint and its trace, all on 2 ranks."""
+    single, sharded = str(snapshots["single"]), str(snapshots["sharded"])
+    return {
+        "gate-layer1-sharded": WorkloadSpec(checkpoint=sharded, layer=1, tokens=(7, 5)),
+        "gate-layer2-spread": WorkloadSpec(checkpoint=str(snapshots["spread"]), layer=2, tokens=(6, 5)),
+        "gate-layer2-round_robin": WorkloadSpec(checkpoint=single, layer=2, tokens=(4, 6), placement="round_robin"),
+        "uniform-layer2": WorkloadSpec(checkpoint=single, layer=2, tokens=(5, 3), routing="uniform"),
+        "trace-layer2-checkpoint": WorkloadSpec(routing_file=str(trace), checkpoint=sharded, tokens=None),
+        "trace-layer1-seeded": WorkloadSpec(routing_file=str(trace), layer=1, tokens=None, placement="round_robin"),
+        "trace-layer2-bfloat16": WorkloadSpec(routing_file=str(trace), checkpoint=single, tokens=None, dtype="bfloat16"),
+    }
+
+
+@pytest.fixture(scope="session")
+def hf_results(tiny_snapshots, tiny_trace):
+    """label -> CompareResult for every workload of hf_specs, one launch of 2 ranks."""
+    specs = hf_specs(tiny_snapshots, tiny_trace)
+    results = run_compare_many(list(specs.values()), CompareOptions(repeats=1, warmup=0))
+    return dict(zip(specs, results))
