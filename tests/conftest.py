@@ -91,7 +91,7 @@ FAKE_REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from tiny_deepseek import build_model
+    from moe_lab.tiny_snapshot import build_model
 
     return build_model(seed=0)
 
@@ -103,7 +103,7 @@ def tiny_snapshots(tiny_model, tmp_path_factory):
     single: one model.safetensors; sharded: transformers' own shards with an index;
     spread: shards that split each layer's experts over several files.
     """
-    from tiny_deepseek import build_tokenizer, save_snapshot, spread_shards
+    from moe_lab.tiny_snapshot import build_tokenizer, save_snapshot, spread_shards
 
     root = tmp_path_factory.mktemp("snapshots")
     tokenizer = build_tokenizer()

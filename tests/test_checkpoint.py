@@ -19,7 +19,7 @@ from moe_lab.paths import PATHS, get_path
 from moe_lab.workload import WorkloadSpec, build_workload
 
 from conftest import CASES_DIR, FAKE_REVISION, hf_specs
-from tiny_deepseek import MOE_LAYERS, TINY_CONFIG
+from moe_lab.tiny_snapshot import MOE_LAYERS, TINY_CONFIG
 
 FLOAT32_TOLERANCE = 1e-5  # max |moe_lab - transformers| / max |transformers|
 

@@ -19,7 +19,7 @@ from moe_lab.trace import TraceError, is_trace_file, open_trace, save_trace, spl
 from moe_lab.workload import WorkloadSpec, build_workload
 
 from conftest import FAKE_REVISION, TRACE_TEXT
-from tiny_deepseek import build_tokenizer
+from moe_lab.tiny_snapshot import build_tokenizer
 
 TRACE_TOKENS = 37  # TRACE_TEXT's three paragraphs: 17 + 8 + 12 words
 

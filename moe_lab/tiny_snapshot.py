@@ -1,8 +1,10 @@
-"""A tiny DeepSeek-V2 model built with transformers, saved as a local snapshot for the tests.
+"""A tiny DeepSeek-V2 model built with transformers and saved as a local snapshot.
 
-Nothing is downloaded: the model has random weights and the tokenizer is trained here on a
-few sentences. Layer 0 is dense, layers 1 and 2 are MoE layers with 8 experts, top-2, and two
-shared experts.
+It lets the tests, and readers without a downloaded checkpoint, try loading a layer and
+recording a trace. Nothing is downloaded: the model has random weights and the tokenizer is
+trained here on a few sentences. Layer 0 is dense, layers 1 and 2 are MoE layers with 8
+experts, top-2, and two shared experts. Routing from random weights says nothing about a real
+model; it only exercises the pipeline.
 """
 
 from __future__ import annotations
@@ -100,3 +102,8 @@ def spread_shards(source: Path, folder: Path, n_shards: int = 5) -> Path:
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def write_tiny_snapshot(folder: str | Path, seed: int = 0) -> Path:
+    """Build the tiny model and its tokenizer and save them as a snapshot in `folder`."""
+    return save_snapshot(build_model(seed), build_tokenizer(), Path(folder))
