@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import wire
+from .monitor import RankMonitor, mark_collective_error
 
 PROC_IO = "/proc/self/io"
 # dtypes gloo has no kernels for: broadcast, all_gather and all_to_all send their raw bytes instead.
@@ -127,8 +128,11 @@ class PhaseClock:
 class RecordingComm:
     """Wraps one process group; every collective a path issues goes through here."""
 
-    def __init__(self, group=None, device: torch.device | None = None, measure_os: bool = True):
+    def __init__(
+        self, group=None, device: torch.device | None = None, measure_os: bool = True, monitor: RankMonitor | None = None,
+    ):
         self.group = group
+        self.monitor = monitor  # publishes progress to the launcher and fires injected faults
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.backend = str(dist.get_backend(group))
@@ -139,8 +143,29 @@ class RecordingComm:
 
     # -- bookkeeping --------------------------------------------------------------
 
+    @contextmanager
     def phase(self, name: str):
-        return self.clock.phase(name)
+        with self.clock.phase(name):
+            if self.monitor is None:
+                yield
+                return
+            self.monitor.enter_phase(name)  # an injected fault fires here, inside the phase
+            try:
+                yield
+            finally:
+                self.monitor.exit_phase()
+
+    def _call(self, description: str, call) -> None:
+        """Run one collective; tag its exception, which may only echo another rank's failure."""
+        try:
+            call()
+        except BaseException as err:
+            mark_collective_error(err, description)
+            raise
+
+    def _announce(self, description: str) -> None:
+        if self.monitor is not None:
+            self.monitor.enter_collective(description)
 
     def reset(self) -> None:
         self.records.clear()
@@ -152,9 +177,11 @@ class RecordingComm:
         return tensor
 
     def _run(self, op: str, what: str, tensor: torch.Tensor, wire_bytes: tuple[int, int], call) -> None:
+        description = f"{op} of {what}"
+        self._announce(description)  # before the clock starts, so the timing excludes it
         before = read_wchar() if self.measure_os else None
         start = time.perf_counter()
-        call()
+        self._call(description, call)
         seconds = None if self.device.type == "cuda" else time.perf_counter() - start
         after = read_wchar() if self.measure_os else None
         self.records.append(
@@ -247,4 +274,5 @@ class RecordingComm:
 
     def barrier(self) -> None:
         """Align ranks; not recorded, since it is not part of any path."""
-        dist.barrier(group=self.group)
+        self._announce("barrier")
+        self._call("barrier", lambda: dist.barrier(group=self.group))
