@@ -176,6 +176,16 @@ class RecordingComm:
             return tensor.view(torch.uint8)
         return tensor
 
+    def _check_summable(self, op: str, tensor: torch.Tensor) -> None:
+        """Raise before a sum that gloo cannot do: on float8 it aborts the process (torch 2.13)."""
+        if self.backend == "gloo" and tensor.dtype in GLOO_RAW_DTYPES:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise TypeError(
+                f"{op} cannot sum {dtype} tensors on gloo, which has no float8 kernels; the kit sends "
+                f"float8 as raw bytes only where nothing is summed (broadcast, all_gather, all_to_all). "
+                f"Sum in bfloat16 or float32 instead"
+            )
+
     def _run(self, op: str, what: str, tensor: torch.Tensor, wire_bytes: tuple[int, int], call) -> None:
         description = f"{op} of {what}"
         self._announce(description)  # before the clock starts, so the timing excludes it
@@ -202,6 +212,7 @@ class RecordingComm:
 
     def all_reduce(self, tensor: torch.Tensor, what: str = "tokens") -> torch.Tensor:
         """Sum `tensor` over ranks, in place."""
+        self._check_summable("all_reduce", tensor)
         buffer = tensor.contiguous()  # collectives read and write raw storage
         nbytes = buffer.numel() * buffer.element_size()
         self._run(
@@ -239,6 +250,7 @@ class RecordingComm:
 
     def reduce_scatter(self, tensor: torch.Tensor, what: str = "tokens") -> torch.Tensor:
         """Sum `tensor` (world_size * N, ...) over ranks and return this rank's block (N, ...)."""
+        self._check_summable("reduce_scatter", tensor)
         if tensor.shape[0] % self.world_size:
             raise ValueError(
                 f"reduce_scatter needs dim 0 divisible by world_size={self.world_size}, got {tensor.shape[0]}"
