@@ -167,7 +167,8 @@ def _rank_main(fn, args, rank, world_size, backend, store_port, timeout_s, env, 
             device = torch.device("cuda", rank)
             torch.cuda.set_device(device)
         _join_group(rank, world_size, backend, store_port, timeout_s, monitor)
-        monitor.exit_phase()
+        monitor.stage = "run"
+        monitor.exit_phase()  # publishes "run"
         value = fn(RankContext(rank, world_size, backend, device, monitor), *args)
         monitor.set_path(None)
         monitor.enter_phase("result")

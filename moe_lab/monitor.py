@@ -88,13 +88,14 @@ class RankMonitor:
         self.fault = fault if fault is not None and fault.rank == rank else None
         self.path: str | None = None
         self.phases: list[str] = []
+        self.stage = "setup"  # the label outside any path and phase: "setup", then "run" once the rank joined
         self.collectives = 0
         self.collective = ""
 
     @property
     def label(self) -> str:
         parts = [part for part in (self.path, self.phases[-1] if self.phases else None) if part]
-        return "/".join(parts) or "setup"
+        return "/".join(parts) or self.stage
 
     def _publish(self) -> None:
         if self.board is not None:
