@@ -188,7 +188,7 @@ def _flatten_rank0(case):
     (_flatten_rank0, "rank 0: topk_ids has shape (2, 5) but tokens_per_rank[0]=5 and top_k=2 need (5, 2)"),
     (_set(["topk_ids"], [[]]), "topk_ids must hold one table per rank, 2 in all, got 1"),
     (_set(["topk_weights", 0, 0, 0], -0.5), "rank 0: token 0 has negative weights"),
-    (_set(["topk_weights", 0, 0, 0], float("nan")), "rank 0: token 0 has non-finite weights"),
+    (_set(["topk_weights", 0, 0, 0], float("nan")), "weights must be finite numbers >= 0"),
     (_set(["tokens_per_rank"], [5, 1]), "rank 1: topk_ids has shape (0,) but tokens_per_rank[1]=1 and top_k=2 need (1, 2)"),
     (_set(["tokens_per_rank"], [5, -1]), "token counts must be integers >= 0, got -1"),
     (_set(["world_size"], 0), "world_size must be an integer >= 1, got 0"),
