@@ -1,4 +1,4 @@
-"""The command line: `python -m moe_lab compare`."""
+"""The command line: `python -m moe_lab compare` and `python -m moe_lab env`."""
 
 from __future__ import annotations
 
@@ -6,16 +6,19 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 from .compare import COMM_PHASES, DISPATCH_TOLERANCE, PHASES, TOLERANCE, CompareOptions, run_compare
 from .config import PRESETS
+from .environment import advise, choose_backend, format_report, inspect_environment
 from .errors import InputError
+from .faults import FAULT_ENV
 from .launch import BACKENDS, DEFAULT_TIMEOUT_S, RankError, under_torchrun
 from .paths import DISPATCH_DTYPES, PATHS
-from .results import path_row, result_json, result_metadata, rows_csv, write_atomic
+from .results import path_row, result_json, result_metadata, rows_csv, write_new_atomic
 from .routing import PLACEMENTS, ROUTINGS
 from .trace import is_trace_file
 from .workload import DTYPES, WorkloadSpec
@@ -52,6 +55,8 @@ def add_compare_parser(subparsers) -> None:
         help="run every path on the same inputs and print bytes and time per phase",
         description="Run the expert-parallel paths on real ranks, check each against the "
         "single-process reference, and print bytes sent and time per phase.",
+        epilog=f"To make a rank fail on purpose, set {FAULT_ENV}, e.g. {FAULT_ENV}=rank=1,phase=dispatch,kind=hang "
+        "(keys: rank, phase, kind, path, seconds; see moe_lab/faults.py).",
     )
     parser.add_argument("--preset", default="deepseek-v2-lite",
                         help=f"MoE shape: {', '.join(PRESETS)}, or a path to a Hugging Face config.json (default: %(default)s)")
@@ -75,7 +80,12 @@ def add_compare_parser(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per path, after warm-up (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per path before the repeats (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="seed for weights, tokens and synthetic routing (default: 0)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="collective timeout in seconds (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="collective timeout in seconds: a rank that waits this long for another ends the run with "
+                        "an error naming the rank it waited for (default: %(default)s)")
+    parser.add_argument("--no-p2p", action="store_true",
+                        help="set NCCL_P2P_DISABLE=1 for the ranks, so NCCL moves data through host memory as on GPUs "
+                        "without P2P; recorded in the metadata")
     parser.add_argument("--routing-file", default=None,
                         help="explicit routing from a JSON file (it also sets shape, ranks, placement, dtype and seed), "
                         "or a trace recorded by `trace` (it sets shape and routing; its tokens are split over the ranks)")
@@ -164,14 +174,40 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
+def check_out_dir(out: str) -> None:
+    """Make sure results can be saved in `out` before ranks run, so a finished run is never lost."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {out!r} is a file, not a folder; give a folder for the results")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {out!r}: cannot create the folder ({err.strerror}); give a writable folder") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out!r} is not writable; give a writable folder")
+
+
 def save_run(result, out: str) -> tuple[Path, Path]:
+    """Write the CSV and JSON under new names: runs started in the same second never overwrite each other."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(out) / f"compare-{stamp}-{result.workload.cfg.name}-{result.workload.world_size}r"
+    stem = f"compare-{stamp}-{result.workload.cfg.name}-{result.workload.world_size}r"
     rows = [path_row(result, path) for path in result.paths]
-    csv_path, json_path = base.with_suffix(".csv"), base.with_suffix(".json")
-    write_atomic(csv_path, rows_csv(rows))
-    write_atomic(json_path, json.dumps(result_metadata(result), indent=1, default=str) + "\n")
-    return csv_path, json_path
+    csv_text = rows_csv(rows)
+    json_text = json.dumps(result_metadata(result), indent=1, default=str) + "\n"
+    for attempt in range(1, 1000):
+        base = Path(out) / (stem if attempt == 1 else f"{stem}-{attempt}")
+        csv_path, json_path = base.with_suffix(".csv"), base.with_suffix(".json")
+        try:
+            write_new_atomic(json_path, json_text)
+        except FileExistsError:
+            continue
+        try:
+            write_new_atomic(csv_path, csv_text)
+        except FileExistsError:
+            json_path.unlink()
+            continue
+        return csv_path, json_path
+    raise InputError(f"--out {out!r} already contains 999 runs named {stem}; give another folder")
 
 
 def _json_safe(value):
@@ -190,7 +226,9 @@ def cmd_compare(args) -> int:
         spec=spec, paths=args.paths, repeats=args.repeats, warmup=args.warmup,
         backend=args.backend, timeout_s=args.timeout,
         dispatch_dtypes=args.dispatch_dtype, overlap=args.overlap, chunks=args.chunks,
+        env=(("NCCL_P2P_DISABLE", "1"),) if args.no_p2p else (),
     )
+    check_out_dir(args.out)
     if under_torchrun():
         from .compare import run_compare_torchrun
 
@@ -297,12 +335,44 @@ def cmd_trace_stats(args) -> int:
     return 0
 
 
+def add_env_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "env",
+        help="print CPUs, GPUs, the P2P matrix, NCCL and torch versions, the backend and advice",
+        description="Describe this machine as the kit sees it: CPUs, GPUs and which can read each "
+        "other's memory (P2P), NCCL and torch versions, the backend compare would pick, and advice "
+        "for GPUs without P2P.",
+    )
+    parser.add_argument("--world-size", type=int, default=2, help="ranks to plan for (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the machine description as JSON")
+
+
+def cmd_env(args) -> int:
+    if args.world_size < 1:
+        raise InputError(f"--world-size must be an integer >= 1, got {args.world_size}")
+    report = inspect_environment()
+    if args.json:
+        choice = choose_backend("auto", args.world_size, len(report.gpus), report.nccl_available)
+        document = {
+            **report.to_dict(),
+            "world_size": args.world_size,
+            "backend": choice.backend,
+            "backend_reason": choice.reason,
+            "advice": advise(report, args.world_size),
+        }
+        print(json.dumps(document, indent=1))
+    else:
+        print(format_report(report, args.world_size))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m moe_lab", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_compare_parser(subparsers)
     add_trace_parser(subparsers)
     add_trace_stats_parser(subparsers)
+    add_env_parser(subparsers)
     return parser
 
 
@@ -311,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"compare": cmd_compare, "trace": cmd_trace, "trace-stats": cmd_trace_stats}[args.command](args)
+        return {"compare": cmd_compare, "env": cmd_env, "trace": cmd_trace, "trace-stats": cmd_trace_stats}[args.command](args)
     except InputError as err:
         print(f"moe_lab: error: {err}", file=sys.stderr)
         return 2

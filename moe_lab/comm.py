@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import wire
+from .monitor import RankMonitor, mark_collective_error
 
 PROC_IO = "/proc/self/io"
 # dtypes gloo has no kernels for: broadcast, all_gather and all_to_all send their raw bytes instead.
@@ -127,8 +128,11 @@ class PhaseClock:
 class RecordingComm:
     """Wraps one process group; every collective a path issues goes through here."""
 
-    def __init__(self, group=None, device: torch.device | None = None, measure_os: bool = True):
+    def __init__(
+        self, group=None, device: torch.device | None = None, measure_os: bool = True, monitor: RankMonitor | None = None,
+    ):
         self.group = group
+        self.monitor = monitor  # publishes progress to the launcher and fires injected faults
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.backend = str(dist.get_backend(group))
@@ -136,12 +140,33 @@ class RecordingComm:
         self.measure_os = measure_os and self.backend == "gloo" and read_wchar() is not None
         self.clock = PhaseClock(self.device)
         self.records: list[CommRecord] = []
-        self._in_flight: list[tuple[object, object]] = []  # (work handle, callback) of async collectives
+        self._in_flight: list[tuple[str, object, object]] = []  # (description, work handle, callback) of async collectives
 
     # -- bookkeeping --------------------------------------------------------------
 
+    @contextmanager
     def phase(self, name: str):
-        return self.clock.phase(name)
+        with self.clock.phase(name):
+            if self.monitor is None:
+                yield
+                return
+            self.monitor.enter_phase(name)  # an injected fault fires here, inside the phase
+            try:
+                yield
+            finally:
+                self.monitor.exit_phase()
+
+    def _call(self, description: str, call):
+        """Run one collective and return its result; tag its exception, which may only echo another rank's failure."""
+        try:
+            return call()
+        except BaseException as err:
+            mark_collective_error(err, description)
+            raise
+
+    def _announce(self, description: str) -> None:
+        if self.monitor is not None:
+            self.monitor.enter_collective(description)
 
     def reset(self) -> None:
         if self._in_flight:
@@ -154,12 +179,23 @@ class RecordingComm:
             return tensor.view(torch.uint8)
         return tensor
 
+    def _check_summable(self, op: str, tensor: torch.Tensor) -> None:
+        """Raise before a sum that gloo cannot do: on float8 it aborts the process (torch 2.13)."""
+        if self.backend == "gloo" and tensor.dtype in GLOO_RAW_DTYPES:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise TypeError(
+                f"{op} cannot sum {dtype} tensors on gloo, which has no float8 kernels; the kit sends "
+                f"float8 as raw bytes only where nothing is summed (broadcast, all_gather, all_to_all). "
+                f"Sum in bfloat16 or float32 instead"
+            )
+
     def _run(self, op: str, what: str, tensor: torch.Tensor, wire_bytes: tuple[int, int], call, async_op: bool, after=None) -> None:
         """Issue `call(async_op)` and record it; `after` runs once the result is in place.
 
         An asynchronous call is recorded when issued, without OS bytes or seconds, because
         its bytes leave while other work runs; `wait_all` completes it.
         """
+        description = f"{op} of {what}"
         record = CommRecord(
             op=op,
             phase=self.clock.current or "none",
@@ -172,12 +208,14 @@ class RecordingComm:
             seconds=None,
         )
         self.records.append(record)
+        self._announce(description)  # before the clock starts, so the timing excludes it
         if async_op:
-            self._in_flight.append((call(True), after))
+            work = self._call(description, lambda: call(True))
+            self._in_flight.append((description, work, after))
             return
         before = read_wchar() if self.measure_os else None
         start = time.perf_counter()
-        call(False)
+        self._call(description, lambda: call(False))
         if self.device.type != "cuda":
             record.seconds = time.perf_counter() - start
         if before is not None:
@@ -188,8 +226,8 @@ class RecordingComm:
     def wait_all(self) -> None:
         """Wait for every asynchronous collective issued so far."""
         in_flight, self._in_flight = self._in_flight, []
-        for work, after in in_flight:
-            work.wait()
+        for description, work, after in in_flight:
+            self._call(description, work.wait)
             if after is not None:
                 after()
 
@@ -200,6 +238,7 @@ class RecordingComm:
 
     def all_reduce(self, tensor: torch.Tensor, what: str = "tokens", async_op: bool = False) -> torch.Tensor:
         """Sum `tensor` over ranks, in place."""
+        self._check_summable("all_reduce", tensor)
         buffer = tensor.contiguous()  # collectives read and write raw storage
         nbytes = buffer.numel() * buffer.element_size()
         self._run(
@@ -237,6 +276,7 @@ class RecordingComm:
 
     def reduce_scatter(self, tensor: torch.Tensor, what: str = "tokens", async_op: bool = False) -> torch.Tensor:
         """Sum `tensor` (world_size * N, ...) over ranks and return this rank's block (N, ...)."""
+        self._check_summable("reduce_scatter", tensor)
         if tensor.shape[0] % self.world_size:
             raise ValueError(
                 f"reduce_scatter needs dim 0 divisible by world_size={self.world_size}, got {tensor.shape[0]}"
@@ -278,4 +318,5 @@ class RecordingComm:
 
     def barrier(self) -> None:
         """Align ranks; not recorded, since it is not part of any path."""
-        dist.barrier(group=self.group)
+        self._announce("barrier")
+        self._call("barrier", lambda: dist.barrier(group=self.group))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -12,7 +13,8 @@ import torch
 from .checkpoint import open_checkpoint
 from .comm import RecordingComm
 from .errors import InputError
-from .launch import DEFAULT_TIMEOUT_S, RankContext, resolve_backend, run_ranks, run_torchrun_rank
+from .faults import check_fault_rank, fault_from_environment
+from .launch import DEFAULT_TIMEOUT_S, RankContext, check_timeout, resolve_backend, run_ranks, run_torchrun_rank
 from .moe import ExpertWeights, SharedExpertWeights, init_experts, init_shared_experts, reference_forward
 from .paths import DISPATCH_DTYPES, PATHS, LocalLayer, PathOptions, RankBatch, get_path, moe_forward
 from .workload import Workload, WorkloadSpec, build_workload
@@ -165,11 +167,13 @@ def measure_workload(ctx: RankContext, spec: WorkloadSpec, variants: tuple[Varia
     if workload.world_size != ctx.world_size:
         raise ValueError(f"workload has {workload.world_size} ranks but {ctx.world_size} were started")
     layer = local_layer(workload, ctx.rank, ctx.device)
-    comm = RecordingComm(device=ctx.device)
+    comm = RecordingComm(device=ctx.device, monitor=ctx.monitor)
     measured = {}
     for variant in variants:
         name = variant.label
         path = get_path(variant.path)
+        if ctx.monitor is not None:
+            ctx.monitor.set_path(name)
         batch = rank_batch(workload, ctx.rank, path.holds_whole_batch, ctx.device)
         timings = []
         started = time.perf_counter()
@@ -222,6 +226,23 @@ def check_against_reference(result: PathResult, reference: torch.Tensor, workloa
     result.passed = result.error <= tolerance(workload.dtype, result.variant.options)
 
 
+def check_options(options: CompareOptions) -> None:
+    """Reject invalid run options before any rank starts; workloads are checked by `build_workload`."""
+    if not options.paths:
+        raise InputError(f"no path to run; choose from {', '.join(PATHS)}")
+    for name in options.paths:
+        get_path(name)
+    for dtype in options.dispatch_dtypes:
+        if dtype not in DISPATCH_DTYPES:
+            raise InputError(f"unknown dispatch dtype {dtype!r}; choose from {', '.join(DISPATCH_DTYPES)}")
+    for name, low in (("repeats", 1), ("warmup", 0), ("chunks", 1)):
+        value = getattr(options, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_timeout(options.timeout_s)
+    fault_from_environment({**os.environ, **dict(options.env)})  # a malformed MOE_LAB_FAULT fails here
+
+
 def run_compare(options: CompareOptions) -> CompareResult:
     """Run the chosen paths on real ranks and check each against the reference."""
     return run_compare_many([options.spec], options)[0]
@@ -232,22 +253,18 @@ def run_compare_many(specs: list[WorkloadSpec], options: CompareOptions) -> list
 
     `options.spec` is ignored; every other option applies to each workload.
     """
-    expand_variants(options)  # rejects unknown paths
-    for dtype in options.dispatch_dtypes:
-        if dtype not in DISPATCH_DTYPES:
-            raise InputError(f"unknown dispatch dtype {dtype!r}; choose from {', '.join(DISPATCH_DTYPES)}")
-    if options.chunks < 1:
-        raise InputError(f"chunks must be >= 1, got {options.chunks}")
-    if options.repeats < 1:
-        raise InputError(f"repeats must be >= 1, got {options.repeats}")
-    if options.warmup < 0:
-        raise InputError(f"warmup must be >= 0, got {options.warmup}")
+    check_options(options)
     workloads = [build_workload(spec) for spec in specs]  # validates every input before a rank starts
+    world_sizes = list(dict.fromkeys(workload.world_size for workload in workloads))
+    backends = {world_size: resolve_backend(options.backend, world_size) for world_size in world_sizes}
+    fault = fault_from_environment({**os.environ, **dict(options.env)})
+    for world_size in world_sizes:
+        check_fault_rank(fault, world_size)
 
     results: list[CompareResult | None] = [None] * len(specs)
-    for world_size in dict.fromkeys(workload.world_size for workload in workloads):
+    for world_size in world_sizes:
         indices = [i for i, workload in enumerate(workloads) if workload.world_size == world_size]
-        backend = resolve_backend(options.backend, world_size)
+        backend = backends[world_size]
         started = time.perf_counter()
         per_rank = run_ranks(
             compare_rank,
@@ -290,11 +307,12 @@ def _assemble(options: CompareOptions, workload: Workload, per_rank: list[dict],
 
 def run_compare_torchrun(options: CompareOptions) -> CompareResult | None:
     """`run_compare` for a process started by torchrun: rank 0 returns the result, others None."""
+    check_options(options)
     workload = build_workload(options.spec)
     started = time.perf_counter()
     per_rank = run_torchrun_rank(
         compare_rank, ((options.spec,), expand_variants(options), options.repeats, options.warmup),
-        backend=options.backend, timeout_s=options.timeout_s,
+        backend=options.backend, timeout_s=options.timeout_s, env=dict(options.env),
     )
     if per_rank is None:
         return None

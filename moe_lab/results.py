@@ -1,12 +1,16 @@
 """Results on disk: one CSV row per path, and a JSON file with the run's environment.
 
 Files are written to a temporary name and renamed, so a crash never leaves half a file.
+`read_results_csv` and `read_results_json` read such files back and raise `ResultsFileError`,
+naming the file, when one is corrupt or truncated, so that code resuming from a file reports
+it instead of overwriting it.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import platform
 import subprocess
@@ -17,6 +21,8 @@ import torch
 
 from . import __version__
 from .compare import COMM_PHASES, PHASES, CompareResult, PathResult
+from .environment import inspect_environment
+from .errors import InputError
 
 CSV_FIELDS = (
     ["path", "ranks", "backend", "dtype", "routing", "placement", "tokens_per_rank", "repeats"]
@@ -27,16 +33,110 @@ CSV_FIELDS = (
 )
 
 
-def write_atomic(path: Path, text: str) -> None:
+class ResultsFileError(InputError):
+    """A results file that cannot be read back: corrupt, truncated or of another format."""
+
+
+def _write_temporary(path: Path, text: str) -> str:
+    """Write `text` to a new temporary file next to `path`, flushed to disk; return its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", newline="") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: readers see the old file or the new one, never half."""
+    path = Path(path)
+    temporary = _write_temporary(path, text)
+    try:
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_new_atomic(path: Path, text: str) -> None:
+    """Create `path` with `text` in one step; raise FileExistsError if it exists, even if created meanwhile.
+
+    The hard link fails when the name is taken, so two processes never overwrite each other.
+    """
+    path = Path(path)
+    temporary = _write_temporary(path, text)
+    try:
+        os.link(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def read_results_csv(path: Path, fields=CSV_FIELDS) -> list[dict[str, str]]:
+    """Read a results CSV written by `rows_csv`: one dict of strings per row.
+
+    Raises ResultsFileError naming `path` if it is missing, empty, truncated (its last line has
+    no line end or too few fields), lacks one of `fields` in its header, or is not valid CSV.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    if not text.endswith("\n"):
+        raise _corrupt(path, "it is truncated: its last line has no line end")
+    try:
+        table = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error as err:
+        raise _corrupt(path, f"it is not valid CSV: {err}") from None
+    header, rows = table[0], table[1:]
+    missing = [name for name in fields if name not in header]
+    if missing:
+        raise _corrupt(path, f"its header lacks the columns {', '.join(missing)}; it is not a moe_lab results table")
+    records = []
+    for line, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise _corrupt(path, f"line {line} has {len(row)} fields but the header has {len(header)}")
+        records.append(dict(zip(header, row)))
+    return records
+
+
+def read_results_json(path: Path, keys: tuple[str, ...] = ()) -> dict:
+    """Read a JSON object written by moe_lab; raise ResultsFileError naming `path` if it is unusable."""
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _corrupt(path, f"it is not valid JSON ({err}); a truncated file looks like this") from None
+    if not isinstance(document, dict):
+        raise _corrupt(path, f"it contains a JSON {type(document).__name__}, not an object")
+    missing = [key for key in keys if key not in document]
+    if missing:
+        raise _corrupt(path, f"it lacks the keys {', '.join(missing)}")
+    return document
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ResultsFileError(f"results file {str(path)!r} not found") from None
+    except OSError as err:
+        raise ResultsFileError(f"results file {str(path)!r} cannot be read: {err.strerror}") from None
+    if not data:
+        raise _corrupt(path, "it is empty")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise _corrupt(path, f"it is not UTF-8 text (byte {err.start})") from None
+
+
+def _corrupt(path: Path, detail: str) -> ResultsFileError:
+    return ResultsFileError(
+        f"results file {str(path)!r} is unusable: {detail}. It was left unchanged: move it away or delete it, then run again"
+    )
 
 
 def max_over_ranks(result: PathResult, key: str) -> dict[str, int | None]:
@@ -91,8 +191,10 @@ def git_commit() -> str | None:
     return completed.stdout.strip() or None
 
 
-def environment(backend: str) -> dict:
+def environment(backend: str, rank_env: dict[str, str] | None = None) -> dict:
+    """The run's software and hardware; `rank_env` contains variables set for the ranks only."""
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    rank_env = rank_env or {}
     return {
         "moe_lab": __version__,
         "torch": torch.__version__,
@@ -103,7 +205,8 @@ def environment(backend: str) -> dict:
         "backend": backend,
         "gpus": devices,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
-        "nccl_p2p_disable": os.environ.get("NCCL_P2P_DISABLE"),
+        "nccl_p2p_disable": rank_env.get("NCCL_P2P_DISABLE", os.environ.get("NCCL_P2P_DISABLE")),
+        "p2p": [list(row) for row in inspect_environment().p2p],  # can_device_access_peer matrix
         "git_commit": git_commit(),
     }
 
@@ -126,7 +229,7 @@ def result_metadata(result: CompareResult) -> dict:
         "warmup": options.warmup,
         "timeout_s": options.timeout_s,
         "rank_env": dict(options.env),
-        "environment": environment(result.backend),
+        "environment": environment(result.backend, dict(options.env)),
     }
 
 

@@ -128,7 +128,9 @@ def validate_routing(
             )
         if not torch.isfinite(weights).all():
             t = int((~torch.isfinite(weights)).any(dim=1).nonzero()[0])
-            raise RoutingError(f"{where}: token {t} has non-finite weights {weights[t].tolist()}")
+            raise RoutingError(
+                f"{where}: token {t} has non-finite weights {weights[t].tolist()}; weights must be finite numbers >= 0"
+            )
         if (weights < 0).any():
             t = int((weights < 0).any(dim=1).nonzero()[0])
             raise RoutingError(

@@ -24,6 +24,7 @@ unless a trace supplies recorded hidden states.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,12 +95,17 @@ class Workload:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
+    if name in DTYPES:
+        return DTYPES[name]
+    if isinstance(name, str) and name.startswith("float8"):
+        # torch 2.13 gloo has no kernel for any float8 collective (checked on its CPU build).
         raise ConfigError(
-            f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)} (fp8 is a dispatch format, "
-            f"not a layer dtype)"
+            f"dtype {name!r} cannot be the layer dtype: the experts do not compute in float8, and gloo "
+            f"cannot send or sum float8 tensors. The kit sends float8 as raw bytes where nothing is "
+            f"summed (broadcast, all_gather, all_to_all), but the all-reduce paths sum tokens in the "
+            f"layer dtype. Choose one of {', '.join(DTYPES)}"
         )
-    return DTYPES[name]
+    raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
 
 
 def tokens_per_rank_of(tokens: int | tuple[int, ...] | list[int], world_size: int) -> list[int]:
@@ -139,6 +145,11 @@ def build_workload(spec: WorkloadSpec) -> Workload:
         raise ConfigError(f"world_size must be an integer >= 1, got {spec.world_size!r}")
     if spec.routing not in ROUTINGS:
         raise RoutingError(f"unknown routing {spec.routing!r}; choose one of {', '.join(ROUTINGS)}")
+    if not _is_number(spec.locality) or not 0.0 <= spec.locality <= 1.0:
+        raise RoutingError(f"locality must be a number from 0 to 1, got {spec.locality!r}")
+    if not _is_number(spec.zipf_exponent) or not (math.isfinite(spec.zipf_exponent) and spec.zipf_exponent >= 0):
+        raise RoutingError(f"zipf_exponent must be a finite number >= 0, got {spec.zipf_exponent!r}")
+    _check_seed(spec.seed, "seed")
     checkpoint, layer = None, None
     if spec.checkpoint is not None:
         checkpoint, layer = open_checkpoint_layer(spec.checkpoint, spec.layer)
@@ -176,10 +187,43 @@ def build_workload(spec: WorkloadSpec) -> Workload:
     )
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_seed(seed, where: str) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where} must be an integer, got {seed!r}")
+
+
 def _require(data: dict, key: str, path: str):
     if key not in data:
         raise RoutingError(f"routing file {path!r} is missing key {key!r}; required keys: {', '.join(ROUTING_FILE_KEYS)}")
     return data[key]
+
+
+def _table(rows, key: str, rank: int, tokens: int, top_k: int, dtype: torch.dtype, source: str) -> torch.Tensor:
+    """Rank `rank`'s (tokens, top_k) table `key` from nested JSON lists; the shape must match, never reshaped."""
+    where = f"{source}: rank {rank}"
+    expected = f"a list of {tokens} lists of {top_k} numbers"
+    if not isinstance(rows, list):
+        raise RoutingError(f"{where}: {key} must be {expected}, got {type(rows).__name__}")
+    if tokens == 0 and rows == []:
+        return torch.empty(0, top_k, dtype=dtype)
+    try:
+        table = torch.tensor(rows)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise RoutingError(f"{where}: {key} must be {expected}: {err}") from None
+    if tuple(table.shape) != (tokens, top_k):
+        raise RoutingError(
+            f"{where}: {key} has shape {tuple(table.shape)} but tokens_per_rank[{rank}]={tokens} "
+            f"and top_k={top_k} need ({tokens}, {top_k})"
+        )
+    if dtype.is_floating_point and table.dtype == torch.bool:
+        raise RoutingError(f"{where}: {key} must hold numbers, got true/false")
+    if not dtype.is_floating_point and table.dtype not in (torch.int64, torch.int32):
+        raise RoutingError(f"{where}: {key} must hold integer expert ids, got {str(table.dtype).removeprefix('torch.')} values")
+    return table.to(dtype)
 
 
 def load_routing_file(path: str | Path) -> Workload:
@@ -212,20 +256,25 @@ def load_routing_file(path: str | Path) -> Workload:
         raise RoutingError(f"routing file {path!r}: ids_dtype {ids_dtype_name!r} is not one of {', '.join(IDS_DTYPES)}")
     tokens_per_rank = tokens_per_rank_of(data["tokens_per_rank"], world_size)
 
+    for key in ("topk_ids", "topk_weights"):
+        if not isinstance(data[key], list) or len(data[key]) != world_size:
+            found = len(data[key]) if isinstance(data[key], list) else type(data[key]).__name__
+            raise RoutingError(
+                f"routing file {path!r}: {key} must hold one table per rank, {world_size} in all, got {found}"
+            )
+    _check_seed(data["seed"], f"routing file {path!r}: seed")
+
     ids_per_rank, weights_per_rank = [], []
     for rank, tokens in enumerate(tokens_per_rank):
-        try:
-            ids = torch.tensor(data["topk_ids"][rank], dtype=IDS_DTYPES[ids_dtype_name]).reshape(-1, cfg.top_k) if tokens else torch.empty(0, cfg.top_k, dtype=IDS_DTYPES[ids_dtype_name])
-            weights = torch.tensor(data["topk_weights"][rank], dtype=torch.float32).reshape(-1, cfg.top_k) if tokens else torch.empty(0, cfg.top_k)
-        except (IndexError, ValueError, TypeError, RuntimeError) as err:
-            raise RoutingError(
-                f"routing file {path!r}: rank {rank}'s topk_ids/topk_weights do not form a "
-                f"({tokens}, {cfg.top_k}) table: {err}"
-            ) from None
+        source = f"routing file {path!r}"
+        ids = _table(data["topk_ids"][rank], "topk_ids", rank, tokens, cfg.top_k, torch.int64, source)
+        weights = _table(data["topk_weights"][rank], "topk_weights", rank, tokens, cfg.top_k, torch.float32, source)
         ids_per_rank.append(ids)
         weights_per_rank.append(weights)
-    routing = Routing(ids_per_rank, weights_per_rank)
-    validate_routing(routing, cfg, tokens_per_rank, source=f"routing file {path!r}")
+    # Validate as int64 first, so an id outside int32 is reported instead of wrapping around.
+    validate_routing(Routing(ids_per_rank, weights_per_rank), cfg, tokens_per_rank, source=f"routing file {path!r}")
+    ids_dtype = IDS_DTYPES[ids_dtype_name]
+    routing = Routing([ids.to(ids_dtype) for ids in ids_per_rank], weights_per_rank)
 
     hidden = draw_hidden(cfg, tokens_per_rank, data["seed"], dtype)
     return Workload(
