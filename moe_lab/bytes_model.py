@@ -1,11 +1,21 @@
-"""Analytic bytes each rank sends per phase, one function per path, from shapes and routing.
+"""The byte model: what each path hands to each collective, and what crosses the wire.
 
-These are written from the paths' definitions, not from their code, so a test that compares
-them with what the recording communicator counted checks the paths. Per-collective wire
-formulas come from `wire`.
+This is the one place that holds the formulas. For each path, one function lists the
+collective calls the path makes on a workload, as `Transfer`s: the phase, the collective, the
+payload each rank hands it, and the wire bytes from each rank to each rank under the backend's
+algorithm (from `wire`). Everything else derives from that list: per-rank bytes sent and
+received per phase, payload bytes, the (src, dst) traffic matrices of the figures, and the
+calls the cost model prices. Tests compare the totals with what the recording communicator
+counted and with what the OS measured.
+
+The functions are written from the paths' definitions, not from their code, so a test that
+compares them with the recorded calls checks the paths. To model a new path, write one
+function `(workload, backend) -> list[Transfer]` and add it to `PATH_MODELS`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -13,56 +23,43 @@ from . import wire
 from .workload import Workload
 
 COUNT_BYTES = 8  # one int64 token count
+WEIGHT_BYTES = 4  # one float32 routing weight
+PHASES = ("metadata", "dispatch", "combine")
 
 
-def _zero(world_size: int) -> list[dict[str, int]]:
-    return [{"metadata": 0, "dispatch": 0, "combine": 0} for _ in range(world_size)]
+@dataclass(frozen=True)
+class Transfer:
+    """One collective call of a path, as every rank makes it."""
+
+    phase: str  # metadata, dispatch or combine
+    op: str  # the RecordingComm method: all_reduce, broadcast, all_gather, reduce_scatter, all_to_all_single
+    what: str  # tokens, expert_ids, weights, counts
+    payload: list[int]  # per rank: bytes of the tensor handed to the collective
+    matrix: list[list[int]]  # matrix[src][dst]: wire bytes src sends to dst
+
+    def sent(self, rank: int) -> int:
+        return sum(self.matrix[rank])
+
+    def received(self, rank: int) -> int:
+        return sum(row[rank] for row in self.matrix)
+
+    def max_wire_bytes(self) -> int:
+        """Largest bytes any rank sends or receives: what sets the call's time on a link."""
+        n = len(self.matrix)
+        return max((max(self.sent(rank), self.received(rank)) for rank in range(n)), default=0)
 
 
-def _sizes(workload: Workload) -> tuple[int, int, int, int]:
-    """(row bytes, expert-id bytes per token, weight bytes per token, top_k)."""
-    cfg = workload.cfg
-    ids_itemsize = workload.routing.topk_ids[0].element_size()
-    row = cfg.hidden * torch.empty(0, dtype=workload.dtype).element_size()
-    return row, cfg.top_k * ids_itemsize, cfg.top_k * 4, cfg.top_k
+# -- shapes ----------------------------------------------------------------------------
 
 
-def allreduce_bytes(workload: Workload, backend: str) -> list[dict[str, int]]:
-    n = workload.world_size
-    row, _, _, _ = _sizes(workload)
-    result = _zero(n)
-    for rank in range(n):
-        result[rank]["combine"] = wire.all_reduce_wire(workload.total_tokens * row, n, backend)[0]
-    return result
+def row_bytes(workload: Workload) -> int:
+    """Bytes of one token row (H elements of the layer dtype)."""
+    return workload.cfg.hidden * torch.empty(0, dtype=workload.dtype).element_size()
 
 
-def broadcast_bytes(workload: Workload, backend: str) -> list[dict[str, int]]:
-    n = workload.world_size
-    row, ids_per_token, weights_per_token, _ = _sizes(workload)
-    result = _zero(n)
-    for rank in range(n):
-        result[rank]["metadata"] = wire.all_gather_wire(COUNT_BYTES, n, backend)[0]
-        for src, count in enumerate(workload.tokens_per_rank):
-            if count:
-                for per_token in (row, ids_per_token, weights_per_token):
-                    result[rank]["dispatch"] += wire.broadcast_wire(count * per_token, rank, src, n, backend)[0]
-        if workload.total_tokens:
-            result[rank]["combine"] = wire.all_reduce_wire(workload.total_tokens * row, n, backend)[0]
-    return result
-
-
-def allgather_reducescatter_bytes(workload: Workload, backend: str) -> list[dict[str, int]]:
-    n = workload.world_size
-    row, ids_per_token, weights_per_token, _ = _sizes(workload)
-    t_max = max(workload.tokens_per_rank)
-    result = _zero(n)
-    for rank in range(n):
-        result[rank]["metadata"] = wire.all_gather_wire(COUNT_BYTES, n, backend)[0]
-        if t_max:
-            for per_token in (row, ids_per_token, weights_per_token):
-                result[rank]["dispatch"] += wire.all_gather_wire(t_max * per_token, n, backend)[0]
-            result[rank]["combine"] = wire.reduce_scatter_wire(n * t_max * row, n, backend)[0]
-    return result
+def id_bytes(workload: Workload) -> int:
+    """Bytes of one expert id, in the routing's id dtype."""
+    return workload.routing.topk_ids[0].element_size()
 
 
 def pair_matrix(workload: Workload) -> list[list[int]]:
@@ -76,32 +73,138 @@ def pair_matrix(workload: Workload) -> list[list[int]]:
     return pairs
 
 
-def alltoall_bytes(workload: Workload, backend: str) -> list[dict[str, int]]:
+def _same_payload(nbytes: int, world_size: int) -> list[int]:
+    return [nbytes] * world_size
+
+
+# -- one function per path --------------------------------------------------------------
+
+
+def allreduce_transfers(workload: Workload, backend: str) -> list[Transfer]:
+    """Naive all-reduce: one all_reduce of the whole (T, H) batch, whatever the routing."""
     n = workload.world_size
-    row, ids_per_token, _, k = _sizes(workload)
-    id_bytes = ids_per_token // k
+    nbytes = workload.total_tokens * row_bytes(workload)
+    if not workload.total_tokens:
+        return []
+    return [Transfer("combine", "all_reduce", "tokens", _same_payload(nbytes, n), wire.all_reduce_matrix(nbytes, n, backend))]
+
+
+def _count_exchange(workload: Workload, backend: str) -> Transfer:
+    n = workload.world_size
+    return Transfer("metadata", "all_gather", "counts", _same_payload(COUNT_BYTES, n), wire.all_gather_matrix(COUNT_BYTES, n, backend))
+
+
+def broadcast_transfers(workload: Workload, backend: str) -> list[Transfer]:
+    """Count exchange, one broadcast per source rank of tokens, ids and weights, all_reduce back."""
+    n, k = workload.world_size, workload.cfg.top_k
+    transfers = [_count_exchange(workload, backend)]
+    per_token = {"tokens": row_bytes(workload), "expert_ids": k * id_bytes(workload), "weights": k * WEIGHT_BYTES}
+    for src, count in enumerate(workload.tokens_per_rank):
+        if count == 0:
+            continue  # a rank with no tokens broadcasts nothing
+        for what, size in per_token.items():
+            nbytes = count * size
+            transfers.append(
+                Transfer("dispatch", "broadcast", what, _same_payload(nbytes, n), wire.broadcast_matrix(nbytes, src, n, backend))
+            )
+    if workload.total_tokens:
+        nbytes = workload.total_tokens * row_bytes(workload)
+        transfers.append(Transfer("combine", "all_reduce", "tokens", _same_payload(nbytes, n), wire.all_reduce_matrix(nbytes, n, backend)))
+    return transfers
+
+
+def allgather_reducescatter_transfers(workload: Workload, backend: str) -> list[Transfer]:
+    """Count exchange, all_gather of tokens, ids and weights padded to T_max, reduce_scatter back."""
+    n, k = workload.world_size, workload.cfg.top_k
+    t_max = max(workload.tokens_per_rank)
+    transfers = [_count_exchange(workload, backend)]
+    if t_max == 0:
+        return transfers
+    per_token = {"tokens": row_bytes(workload), "expert_ids": k * id_bytes(workload), "weights": k * WEIGHT_BYTES}
+    for what, size in per_token.items():
+        chunk = t_max * size
+        transfers.append(Transfer("dispatch", "all_gather", what, _same_payload(chunk, n), wire.all_gather_matrix(chunk, n, backend)))
+    nbytes = n * t_max * row_bytes(workload)
+    transfers.append(Transfer("combine", "reduce_scatter", "tokens", _same_payload(nbytes, n), wire.reduce_scatter_matrix(nbytes, n, backend)))
+    return transfers
+
+
+def alltoall_transfers(workload: Workload, backend: str) -> list[Transfer]:
+    """Count exchange, one row and one expert id per (token, remote expert) pair, rows back."""
+    n = workload.world_size
     pairs = pair_matrix(workload)
-    result = _zero(n)
-    for rank in range(n):
-        remote_out = sum(pairs[rank][dst] for dst in range(n) if dst != rank)  # pairs this rank sends away
-        remote_in = sum(pairs[src][rank] for src in range(n) if src != rank)  # pairs it serves for others
-        result[rank]["metadata"] = (n - 1) * COUNT_BYTES
-        result[rank]["dispatch"] = remote_out * (row + id_bytes)
-        result[rank]["combine"] = remote_in * row
-    return result
+    back = [[pairs[src][dst] for src in range(n)] for dst in range(n)]  # combine: back[dst][src]
+    row, ids = row_bytes(workload), id_bytes(workload)
+    ones = [[1] * n for _ in range(n)]
+    sent_rows = [sum(pairs[rank]) for rank in range(n)]  # every pair, local ones included, is in the send buffer
+    served_rows = [sum(back[rank]) for rank in range(n)]
+    return [
+        Transfer("metadata", "all_to_all_single", "counts", _same_payload(n * COUNT_BYTES, n), wire.all_to_all_matrix(ones, COUNT_BYTES)),
+        Transfer("dispatch", "all_to_all_single", "tokens", [rows * row for rows in sent_rows], wire.all_to_all_matrix(pairs, row)),
+        Transfer("dispatch", "all_to_all_single", "expert_ids", [rows * ids for rows in sent_rows], wire.all_to_all_matrix(pairs, ids)),
+        Transfer("combine", "all_to_all_single", "tokens", [rows * row for rows in served_rows], wire.all_to_all_matrix(back, row)),
+    ]
 
 
-EXPECTED_BYTES = {
-    "allreduce": allreduce_bytes,
-    "broadcast": broadcast_bytes,
-    "allgather_reducescatter": allgather_reducescatter_bytes,
-    "alltoall": alltoall_bytes,
+PATH_MODELS = {
+    "allreduce": allreduce_transfers,
+    "broadcast": broadcast_transfers,
+    "allgather_reducescatter": allgather_reducescatter_transfers,
+    "alltoall": alltoall_transfers,
 }
+
+
+# -- what the rest of the kit reads -----------------------------------------------------
+
+
+def path_transfers(path: str, workload: Workload, backend: str) -> list[Transfer]:
+    """The collective calls `path` makes on `workload`, in the order it makes them."""
+    if path not in PATH_MODELS:
+        raise KeyError(f"no byte model for path {path!r}; models exist for {', '.join(PATH_MODELS)}")
+    return PATH_MODELS[path](workload, backend)
+
+
+def per_rank_by_phase(transfers: list[Transfer], world_size: int, kind: str) -> list[dict[str, int]]:
+    """Per rank and phase, bytes of `kind`: "sent", "received" or "payload"."""
+    result = [{phase: 0 for phase in PHASES} for _ in range(world_size)]
+    for transfer in transfers:
+        for rank in range(world_size):
+            if kind == "sent":
+                value = transfer.sent(rank)
+            elif kind == "received":
+                value = transfer.received(rank)
+            elif kind == "payload":
+                value = transfer.payload[rank]
+            else:
+                raise ValueError(f"kind must be sent, received or payload, got {kind!r}")
+            result[rank][transfer.phase] += value
+    return result
 
 
 def expected_sent_bytes(path: str, workload: Workload, backend: str) -> list[dict[str, int]]:
     """Per rank, the bytes `path` sends to other ranks in each phase."""
-    return EXPECTED_BYTES[path](workload, backend)
+    return per_rank_by_phase(path_transfers(path, workload, backend), workload.world_size, "sent")
+
+
+def expected_received_bytes(path: str, workload: Workload, backend: str) -> list[dict[str, int]]:
+    """Per rank, the bytes `path` receives from other ranks in each phase."""
+    return per_rank_by_phase(path_transfers(path, workload, backend), workload.world_size, "received")
+
+
+def expected_payload_bytes(path: str, workload: Workload, backend: str) -> list[dict[str, int]]:
+    """Per rank, the bytes of the tensors `path` hands to collectives in each phase."""
+    return per_rank_by_phase(path_transfers(path, workload, backend), workload.world_size, "payload")
+
+
+def traffic_matrix(transfers: list[Transfer], world_size: int, phase: str | None = None) -> list[list[int]]:
+    """matrix[src][dst]: wire bytes from src to dst over all calls (or one phase's calls)."""
+    total = wire.zero_matrix(world_size)
+    for transfer in transfers:
+        if phase is None or transfer.phase == phase:
+            for src in range(world_size):
+                for dst in range(world_size):
+                    total[src][dst] += transfer.matrix[src][dst]
+    return total
 
 
 def token_bytes_sent(records: list[dict]) -> int:

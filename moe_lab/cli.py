@@ -1,4 +1,4 @@
-"""The command line: `python -m moe_lab compare`."""
+"""The command line: `python -m moe_lab compare`, and the measuring commands of `lab_cli`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from .compare import COMM_PHASES, PHASES, TOLERANCE, CompareOptions, run_compare
 from .config import PRESETS
 from .errors import InputError
+from .lab_cli import ADD_PARSERS, COMMANDS, add_link_option, print_compare_extras
 from .launch import BACKENDS, DEFAULT_TIMEOUT_S, RankError, under_torchrun
 from .paths import PATHS
 from .results import path_row, result_json, result_metadata, rows_csv, write_atomic
@@ -73,6 +74,7 @@ def add_compare_parser(subparsers) -> None:
                         help="explicit routing from a JSON file; the file also sets shape, ranks, placement, dtype and seed")
     parser.add_argument("--out", default="data/runs", help="folder for the CSV and JSON metadata (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    add_link_option(parser)
 
 
 def spec_from_args(args) -> WorkloadSpec:
@@ -175,6 +177,7 @@ def cmd_compare(args) -> int:
         print(json.dumps(_json_safe(document), indent=1, default=str))
     else:
         print(format_table(result))
+        print_compare_extras(result, args)
         print(f"saved {csv_path} and {json_path}")
     failed = [path.path for path in result.paths if not path.passed]
     if failed:
@@ -187,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m moe_lab", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_compare_parser(subparsers)
+    for add_parser in ADD_PARSERS:
+        add_parser(subparsers)
     return parser
 
 
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"compare": cmd_compare}[args.command](args)
+        return {"compare": cmd_compare, **COMMANDS}[args.command](args)
     except InputError as err:
         print(f"moe_lab: error: {err}", file=sys.stderr)
         return 2

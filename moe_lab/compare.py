@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import statistics
 import time
@@ -14,6 +16,7 @@ from .errors import InputError
 from .launch import DEFAULT_TIMEOUT_S, RankContext, resolve_backend, run_ranks, run_torchrun_rank
 from .moe import init_experts, init_shared_experts, reference_forward
 from .paths import PATHS, LocalLayer, RankBatch, get_path, moe_forward
+from .stats import Spread, spread
 from .workload import Workload, WorkloadSpec, build_workload
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ class PathResult:
     wall_seconds: float = 0.0  # warm-up and repeats of this path, slowest rank
     error: float = float("nan")  # max |path - reference| / max |reference| over all ranks
     passed: bool = False
+    # per rank, per repeat: seconds of each collective call in issue order (None on CUDA)
+    call_seconds: list[list[list[float | None]]] = field(default_factory=list)
 
     def bytes_by_phase(self, rank: int, key: str = "sent_bytes") -> dict[str, int | None]:
         totals: dict[str, int | None] = {phase: 0 for phase in COMM_PHASES}
@@ -64,6 +69,39 @@ class PathResult:
     def total_seconds(self) -> float:
         per_repeat = zip(*self.timings)
         return statistics.median(max(sum(rank.values()) for rank in ranks) for ranks in per_repeat)
+
+    @property
+    def repeats(self) -> int:
+        return len(self.timings[0]) if self.timings else 0
+
+    def phase_spread(self, phase: str) -> Spread:
+        """Median, p10 and p90 over repeats of the slowest rank's time in `phase`."""
+        return spread(max(rank.get(phase, 0.0) for rank in ranks) for ranks in zip(*self.timings))
+
+    def total_spread(self) -> Spread:
+        return spread(max(sum(rank.values()) for rank in ranks) for ranks in zip(*self.timings))
+
+    def comm_spread(self) -> Spread:
+        """Time in the communication phases (metadata, dispatch, combine) of the slowest rank."""
+        return spread(
+            max(sum(rank.get(phase, 0.0) for phase in COMM_PHASES) for rank in ranks) for ranks in zip(*self.timings)
+        )
+
+    def collective_spread(self) -> Spread | None:
+        """Time inside the collective calls alone, per repeat, over repeats.
+
+        A rank that reaches a collective early waits there for the others, so each call is
+        timed by the rank that spent least in it (the last to arrive): the call's own time.
+        None where calls were not timed (CUDA, where they run asynchronously).
+        """
+        if not self.call_seconds or any(
+            seconds is None for rank in self.call_seconds for repeat in rank for seconds in repeat
+        ):
+            return None
+        per_repeat = []
+        for ranks in zip(*self.call_seconds):  # one repeat: each rank's list of call seconds
+            per_repeat.append(sum(min(calls) for calls in zip(*ranks)))
+        return spread(per_repeat)
 
 
 @dataclass
@@ -91,15 +129,28 @@ def rank_batch(workload: Workload, rank: int, whole_batch: bool, device: torch.d
     return batch
 
 
+@functools.lru_cache(maxsize=1)
+def _expert_weights(cfg, expert_ids: tuple[int, ...], seed: int, dtype: torch.dtype):
+    """Routed and shared expert weights, kept for the next workload of the same shape.
+
+    Drawing DeepSeek-V2-Lite's experts takes seconds, and a sweep runs many workloads of one
+    shape in a row. Callers must not modify the returned tensors.
+    """
+    return init_experts(cfg, list(expert_ids), seed, dtype), init_shared_experts(cfg, seed, dtype)
+
+
+def _on_device(weights, device: torch.device):
+    if weights is None:
+        return None
+    moved = {name: value.to(device) for name, value in vars(weights).items() if isinstance(value, torch.Tensor)}
+    return dataclasses.replace(weights, **moved)
+
+
 def local_layer(workload: Workload, rank: int, device: torch.device) -> LocalLayer:
-    experts = init_experts(workload.cfg, workload.placement.local_experts(rank), workload.seed, workload.dtype)
-    shared = init_shared_experts(workload.cfg, workload.seed, workload.dtype)
-    for weights in (experts, shared):
-        if weights is not None:
-            for name, tensor in vars(weights).items():
-                if isinstance(tensor, torch.Tensor):
-                    setattr(weights, name, tensor.to(device))
-    return LocalLayer(workload.placement, experts, shared)
+    experts, shared = _expert_weights(
+        workload.cfg, tuple(workload.placement.local_experts(rank)), workload.seed, workload.dtype
+    )
+    return LocalLayer(workload.placement, _on_device(experts, device), _on_device(shared, device))
 
 
 def compare_rank(
@@ -120,7 +171,7 @@ def measure_workload(ctx: RankContext, spec: WorkloadSpec, path_names: tuple[str
     for name in path_names:
         path = get_path(name)
         batch = rank_batch(workload, ctx.rank, path.holds_whole_batch, ctx.device)
-        timings = []
+        timings, call_seconds = [], []
         started = time.perf_counter()
         for repeat in range(warmup + repeats):
             comm.barrier()  # barrier-aligned start, so the slowest rank sets the layer time
@@ -132,10 +183,12 @@ def measure_workload(ctx: RankContext, spec: WorkloadSpec, path_names: tuple[str
                 raise
             if repeat >= warmup:
                 timings.append(comm.clock.totals())
+                call_seconds.append([record.seconds for record in comm.records])
         measured[name] = {
             "output": output.cpu(),
             "records": [record.to_dict() for record in comm.records],
             "timings": timings,
+            "call_seconds": call_seconds,
             "segments": comm.clock.segments(),
             "seconds": time.perf_counter() - started,  # warm-up and repeats, wall time on this rank
         }
@@ -145,8 +198,7 @@ def measure_workload(ctx: RankContext, spec: WorkloadSpec, path_names: tuple[str
 def reference_output(workload: Workload) -> torch.Tensor:
     """The whole batch through the single-process reference, (T, H)."""
     cfg = workload.cfg
-    experts = init_experts(cfg, list(range(cfg.n_experts)), workload.seed, workload.dtype)
-    shared = init_shared_experts(cfg, workload.seed, workload.dtype)
+    experts, shared = _expert_weights(cfg, tuple(range(cfg.n_experts)), workload.seed, workload.dtype)
     ids, weights = workload.routing.concat()
     return reference_forward(torch.cat(workload.hidden), ids, weights, experts, shared)
 
@@ -227,6 +279,7 @@ def _assemble(options: CompareOptions, workload: Workload, per_rank: list[dict],
             timings=[rank["timings"] for rank in measured],
             segments=[rank["segments"] for rank in measured],
             wall_seconds=max(rank["seconds"] for rank in measured),
+            call_seconds=[rank["call_seconds"] for rank in measured],
         )
         check_against_reference(path_result, reference, workload)
         result.paths.append(path_result)

@@ -52,6 +52,7 @@ class WorkloadSpec:
     dtype: str = "float32"
     seed: int = 0
     routing_file: str | None = None  # explicit routing; sets shape, ranks, placement, dtype, seed
+    top_k: int | None = None  # experts per token, replacing the preset's; None keeps it
 
 
 @dataclass
@@ -118,6 +119,8 @@ def build_workload(spec: WorkloadSpec) -> Workload:
     if spec.routing not in ROUTINGS:
         raise RoutingError(f"unknown routing {spec.routing!r}; choose one of {', '.join(ROUTINGS)}")
     cfg = resolve_config(spec.preset)
+    if spec.top_k is not None and spec.top_k != cfg.top_k:
+        cfg = cfg.replace(top_k=spec.top_k)
     placement = Placement(spec.placement, cfg.n_experts, spec.world_size)
     dtype = parse_dtype(spec.dtype)
     tokens_per_rank = tokens_per_rank_of(spec.tokens, spec.world_size)
