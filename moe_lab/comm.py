@@ -42,6 +42,7 @@ class CommRecord:
     recv_bytes: int  # bytes this rank receives from other ranks
     os_sent_bytes: int | None  # bytes this process wrote during the call (gloo on Linux), else None
     seconds: float | None  # wall time of the call on CPU; None on CUDA (asynchronous)
+    sent_to: list[int] | None = None  # sent_bytes split by destination rank (the algorithm's, see wire)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,7 +152,9 @@ class RecordingComm:
             return tensor.view(torch.uint8)
         return tensor
 
-    def _run(self, op: str, what: str, tensor: torch.Tensor, wire_bytes: tuple[int, int], call) -> None:
+    def _run(
+        self, op: str, what: str, tensor: torch.Tensor, wire_bytes: tuple[int, int], call, sent_to: list[int] | None = None
+    ) -> None:
         before = read_wchar() if self.measure_os else None
         start = time.perf_counter()
         call()
@@ -168,6 +171,7 @@ class RecordingComm:
                 recv_bytes=wire_bytes[1],
                 os_sent_bytes=None if before is None else after - before,
                 seconds=seconds,
+                sent_to=sent_to,
             )
         )
 
@@ -181,6 +185,7 @@ class RecordingComm:
             "all_reduce", what, buffer,
             wire.all_reduce_wire(nbytes, self.world_size, self.backend),
             lambda: dist.all_reduce(buffer, group=self.group),
+            wire.all_reduce_matrix(nbytes, self.world_size, self.backend)[self.rank],
         )
         if buffer is not tensor:
             tensor.copy_(buffer)
@@ -194,6 +199,7 @@ class RecordingComm:
             "broadcast", what, buffer,
             wire.broadcast_wire(nbytes, self.rank, src, self.world_size, self.backend),
             lambda: dist.broadcast(self._sendable(buffer), src=src, group=self.group),
+            wire.broadcast_matrix(nbytes, src, self.world_size, self.backend)[self.rank],
         )
         if buffer is not tensor:
             tensor.copy_(buffer)
@@ -207,6 +213,7 @@ class RecordingComm:
             "all_gather", what, tensor,
             wire.all_gather_wire(nbytes, self.world_size, self.backend),
             lambda: _all_gather_single(self._sendable(out), self._sendable(tensor.contiguous()), group=self.group),
+            wire.all_gather_matrix(nbytes, self.world_size, self.backend)[self.rank],
         )
         return out
 
@@ -222,6 +229,7 @@ class RecordingComm:
             "reduce_scatter", what, tensor,
             wire.reduce_scatter_wire(nbytes, self.world_size, self.backend),
             lambda: _reduce_scatter_single(out, tensor.contiguous(), group=self.group),
+            wire.reduce_scatter_matrix(nbytes, self.world_size, self.backend)[self.rank],
         )
         return out
 
@@ -242,6 +250,7 @@ class RecordingComm:
                 self._sendable(out), self._sendable(tensor.contiguous()),
                 output_split_sizes=output_splits, input_split_sizes=input_splits, group=self.group,
             ),
+            [0 if peer == self.rank else rows * row_nbytes for peer, rows in enumerate(input_splits)],
         )
         return out
 

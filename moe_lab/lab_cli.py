@@ -15,6 +15,7 @@ from .errors import InputError
 from .launch import BACKENDS
 from .paths import PATHS
 from .results import environment, write_atomic
+from .sweep import calibration_csv
 from .workload import DTYPES
 
 
@@ -85,31 +86,13 @@ def cmd_collectives(args) -> int:
     json_path = calibration_path(document["backend"], document["world_size"], Path(args.out))
     csv_path = json_path.with_suffix(".csv")
     write_atomic(json_path, json.dumps(document, indent=1) + "\n")
-    write_atomic(csv_path, collectives_csv(document))
+    write_atomic(csv_path, calibration_csv(document))
 
     from .report import format_collectives
 
     print(format_collectives(document))
     print(f"saved {json_path} and {csv_path}; use them with --link this-machine")
     return 0
-
-
-def collectives_csv(document: dict) -> str:
-    from .sweep import rows_to_csv
-
-    fields = ["op", "size", "count", "ranks", "backend", "iters", "time_us", "p10_us", "p90_us", "algbw_GBps", "busbw_GBps",
-              "wire_bytes", "os_sent_bytes", "fit_us"]
-    rows = []
-    for point in document["points"]:
-        fit = document["fits"][point["op"]]
-        rows.append({
-            "op": point["op"], "size": point["size"], "count": point["count"], "ranks": document["world_size"],
-            "backend": document["backend"], "iters": point["iters"], "time_us": point["time_s"] * 1e6,
-            "p10_us": point["p10_s"] * 1e6, "p90_us": point["p90_s"] * 1e6, "algbw_GBps": point["algbw"] / 1e9,
-            "busbw_GBps": point["busbw"] / 1e9, "wire_bytes": point["wire_bytes"], "os_sent_bytes": point["os_sent_bytes"],
-            "fit_us": (fit["alpha"] + fit["beta"] * point["wire_bytes"]) * 1e6,
-        })
-    return rows_to_csv(rows, fields)
 
 
 # -- targets -------------------------------------------------------------------------------
@@ -216,7 +199,7 @@ def add_figures_parser(subparsers) -> None:
         "figures",
         help="draw every figure from the CSVs in a data folder",
         description="Regenerate every figure from the results in --data (sweep.csv, collectives-*.csv and "
-        "compare-*.json); the same data always gives byte-identical files.",
+        "layer-*.json); the same data always gives byte-identical files.",
     )
     parser.add_argument("--data", default="data/reference", help="folder with sweep.csv and collectives-*.csv (default: %(default)s)")
     parser.add_argument("--out", default="figures", help="folder for the figures (default: %(default)s)")

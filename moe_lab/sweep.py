@@ -135,6 +135,23 @@ def _csv_value(value):
     return value
 
 
+def calibration_csv(document: dict) -> str:
+    """The calibration's points as CSV, with the fitted time beside each, for the busbw figure."""
+    fields = ["op", "size", "count", "ranks", "backend", "iters", "time_us", "p10_us", "p90_us", "algbw_GBps", "busbw_GBps",
+              "wire_bytes", "os_sent_bytes", "fit_us"]
+    rows = []
+    for point in document["points"]:
+        fit = document["fits"][point["op"]]
+        rows.append({
+            "op": point["op"], "size": point["size"], "count": point["count"], "ranks": document["world_size"],
+            "backend": document["backend"], "iters": point["iters"], "time_us": point["time_s"] * 1e6,
+            "p10_us": point["p10_s"] * 1e6, "p90_us": point["p90_s"] * 1e6, "algbw_GBps": point["algbw"] / 1e9,
+            "busbw_GBps": point["busbw"] / 1e9, "wire_bytes": point["wire_bytes"], "os_sent_bytes": point["os_sent_bytes"],
+            "fit_us": (fit["alpha"] + fit["beta"] * point["wire_bytes"]) * 1e6,
+        })
+    return rows_to_csv(rows, fields)
+
+
 def sweep_rows(result: CompareResult, spec: WorkloadSpec, link: Link | None) -> list[dict]:
     """One CSV row per path of a finished point."""
     key = dict(zip(KEY_FIELDS, point_key(spec)))
@@ -195,6 +212,7 @@ def link_for(options: SweepOptions, world_size: int, backend: str, folder: Path)
         ))
         document["metadata"] = {"command": "collectives", "environment": environment(backend)}
         write_atomic(path, json.dumps(document, indent=1) + "\n")
+        write_atomic(path.with_suffix(".csv"), calibration_csv(document))
     return resolve_link(str(path))
 
 
