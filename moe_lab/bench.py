@@ -16,6 +16,7 @@ all_to_all, 1 for broadcast.
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from dataclasses import dataclass, replace
 
@@ -397,6 +398,7 @@ def run_targets(options: TargetsOptions) -> TargetsResult:
     wall = time.perf_counter() - started
 
     calibration = calibration_document(options.calibration, backend, [rank["calibration"] for rank in per_rank])
+    calibration["metadata"] = {"environment": {"processor": platform.processor() or platform.machine()}}
     link = link_from_calibration(calibration, "calibrated in this run")
     gate = _assemble(CompareOptions(spec=specs[0], repeats=options.repeats, warmup=options.warmup), workloads[0],
                      [rank["gate"] for rank in per_rank], wall)

@@ -239,7 +239,8 @@ def run_sweep(options: SweepOptions, progress=None) -> Path:
     metadata = {
         "command": "sweep",
         "settings": _settings(options),
-        "grid": {**asdict(options.grid), "points": len(specs)},
+        # every grid run into this folder, in order: points of one grid may extend another's
+        "grids": metadata.get("grids", []) + [{**asdict(options.grid), "points": len(specs)}],
         "environment": environment(backend_name),
         "started": metadata.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
         "seconds": metadata.get("seconds", 0.0),

@@ -168,7 +168,7 @@ def test_sweep_writes_rows(lab_data):
     lines = (folder / "sweep.csv").read_text().splitlines()
     assert len(lines) == 1 + 6 * len(PATHS)
     metadata = json.loads((folder / "sweep.json").read_text())
-    assert metadata["grid"]["points"] == 6 and metadata["environment"]["torch"]
+    assert metadata["grids"][0]["points"] == 6 and metadata["environment"]["torch"]
     assert (folder / "collectives-gloo-2r.json").exists() and (folder / "collectives-gloo-2r.csv").exists()
 
 
