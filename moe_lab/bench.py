@@ -3,8 +3,8 @@
 Every collective goes through `RecordingComm`, with the same settings the paths use, so the
 per-call overhead of recording is part of what is measured and fitted. Each timed call starts
 right after a barrier. A rank that leaves the barrier early waits inside the call for the
-others, so a call's time is taken from the rank that spent least in it (the last to arrive),
-the same estimator `PathResult.collective_spread` applies to the paths' calls.
+others. So a call's time is taken from the rank that spent least in it (the last to arrive),
+which is also how `PathResult.collective_spread` times the paths' calls.
 
 Sizes follow nccl-tests: `size` is the larger of the send and receive buffers of one rank
 (the whole buffer for all_reduce and broadcast, the gathered output for all_gather, the input
@@ -37,6 +37,9 @@ from .workload import WorkloadSpec, build_workload, parse_dtype
 log = logging.getLogger(__name__)
 
 OPS = ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all_single")
+# all_to_all_single with every row sent to the rank itself: nothing crosses a link, so its time
+# is the library's local copy, which the cost model adds for the rows a path keeps on its rank.
+SELF_COPY = "all_to_all_self"
 DEFAULT_SIZES = tuple(8 * 4**i for i in range(12))  # 8 B to 32 MiB in steps of 4x
 FEW_ITERS_ABOVE = 1 << 20  # bytes: larger messages get fewer iterations, each lasting milliseconds
 
@@ -58,6 +61,8 @@ def bus_factor(op: str, world_size: int) -> float:
         return (n - 1) / n
     if op == "broadcast":
         return 1.0
+    if op == SELF_COPY:
+        return 0.0
     raise InputError(f"unknown collective {op!r}; choose from {', '.join(OPS)}")
 
 
@@ -84,6 +89,9 @@ def _issue(comm: RecordingComm, op: str, buffer: torch.Tensor) -> None:
         comm.reduce_scatter(buffer, what="bench")
     elif op == "all_to_all_single":
         rows = [buffer.numel() // n] * n
+        comm.all_to_all_single(buffer, rows, rows, what="bench")
+    elif op == SELF_COPY:
+        rows = [buffer.numel() if peer == comm.rank else 0 for peer in range(n)]
         comm.all_to_all_single(buffer, rows, rows, what="bench")
     else:
         raise ValueError(f"unknown collective {op!r}; choose from {', '.join(OPS)}")
@@ -236,11 +244,13 @@ class CalibrationOptions:
     dtype: str = "float32"
     rows_per_expert: tuple[int, ...] = DEFAULT_ROWS_PER_EXPERT
     timeout_s: float = 120.0
+    local_copy: bool = True  # also time SELF_COPY, for the cost model's local-copy term
 
 
 def calibrate_rank(ctx: RankContext, options: CalibrationOptions) -> dict:
-    """One rank's side of the calibration: collectives first, then the compute rate table."""
-    points = collectives_rank(ctx, options.ops, options.sizes, options.iters, options.warmup)
+    """Run this rank's side of the calibration: collectives first, then the compute rate table."""
+    ops = options.ops + ((SELF_COPY,) if options.local_copy else ())
+    points = collectives_rank(ctx, ops, options.sizes, options.iters, options.warmup)
     compute = []
     if options.preset is not None:
         cfg = resolve_config(options.preset)
@@ -256,6 +266,11 @@ def calibration_document(options: CalibrationOptions, backend: str, per_rank: li
         mine = [point for point in points if point.op == op]
         fit = fit_alpha_beta([point.wire_bytes for point in mine], [point.time.median for point in mine])
         fits[op] = {"alpha": fit.alpha, "beta": fit.beta, "max_relative_error": fit.max_relative_error}
+    local_copy = None
+    own = [point for point in points if point.op == SELF_COPY]
+    if len(own) >= 2:
+        fit = fit_alpha_beta([point.size for point in own], [point.time.median for point in own])
+        local_copy = {"alpha": fit.alpha, "beta": fit.beta, "max_relative_error": fit.max_relative_error}
     compute = []
     for entries in zip(*(rank["compute"] for rank in per_rank)):  # mean over ranks, which ran at the same time
         compute.append({
@@ -275,6 +290,7 @@ def calibration_document(options: CalibrationOptions, backend: str, per_rank: li
             for p in points
         ],
         "fits": fits,
+        "local_copy": local_copy,  # t = alpha + beta * bytes a rank copies to itself (SELF_COPY)
         "compute": compute,
         "compute_shape": {"preset": options.preset, "dtype": options.dtype, "experts": 4},
     }
@@ -353,7 +369,7 @@ def expert_compute_rank(ctx: RankContext, spec: WorkloadSpec, repeats: int) -> d
 
 
 def targets_rank(ctx: RankContext, options: TargetsOptions) -> dict:
-    """One rank's side of `targets`: calibration, both workloads, raw all-to-all and compute."""
+    """Run this rank's side of `targets`: calibration, both workloads, raw all-to-all and compute."""
     return {
         "calibration": calibrate_rank(ctx, options.calibration),
         "gate": measure_workload(ctx, options.gate_spec(), tuple(PATHS), options.repeats, options.warmup),

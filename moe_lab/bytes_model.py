@@ -1,6 +1,6 @@
 """The byte model: what each path hands to each collective, and what crosses the wire.
 
-This is the one place that holds the formulas. For each path, one function lists the
+This module is the one place with the formulas. For each path, one function lists the
 collective calls the path makes on a workload, as `Transfer`s: the phase, the collective, the
 payload each rank hands it, and the wire bytes from each rank to each rank under the backend's
 algorithm (from `wire`). Everything else derives from that list: per-rank bytes sent and
@@ -35,7 +35,11 @@ class Transfer:
     op: str  # the RecordingComm method: all_reduce, broadcast, all_gather, reduce_scatter, all_to_all_single
     what: str  # tokens, expert_ids, weights, counts
     payload: list[int]  # per rank: bytes of the tensor handed to the collective
-    matrix: list[list[int]]  # matrix[src][dst]: wire bytes src sends to dst
+    matrix: list[list[int]]  # matrix[src][dst]: wire bytes src sends to dst (diagonal zero)
+    local: list[int] | None = None  # per rank: bytes the library copies from input to output itself
+
+    def local_bytes(self, rank: int) -> int:
+        return self.local[rank] if self.local else 0
 
     def sent(self, rank: int) -> int:
         return sum(self.matrix[rank])
@@ -47,6 +51,9 @@ class Transfer:
         """Largest bytes any rank sends or receives: what sets the call's time on a link."""
         n = len(self.matrix)
         return max((max(self.sent(rank), self.received(rank)) for rank in range(n)), default=0)
+
+    def max_local_bytes(self) -> int:
+        return max((self.local_bytes(rank) for rank in range(len(self.matrix))), default=0)
 
 
 # -- shapes ----------------------------------------------------------------------------
@@ -91,7 +98,8 @@ def allreduce_transfers(workload: Workload, backend: str) -> list[Transfer]:
 
 def _count_exchange(workload: Workload, backend: str) -> Transfer:
     n = workload.world_size
-    return Transfer("metadata", "all_gather", "counts", _same_payload(COUNT_BYTES, n), wire.all_gather_matrix(COUNT_BYTES, n, backend))
+    return Transfer("metadata", "all_gather", "counts", _same_payload(COUNT_BYTES, n),
+                    wire.all_gather_matrix(COUNT_BYTES, n, backend), _same_payload(COUNT_BYTES, n))
 
 
 def broadcast_transfers(workload: Workload, backend: str) -> list[Transfer]:
@@ -123,7 +131,8 @@ def allgather_reducescatter_transfers(workload: Workload, backend: str) -> list[
     per_token = {"tokens": row_bytes(workload), "expert_ids": k * id_bytes(workload), "weights": k * WEIGHT_BYTES}
     for what, size in per_token.items():
         chunk = t_max * size
-        transfers.append(Transfer("dispatch", "all_gather", what, _same_payload(chunk, n), wire.all_gather_matrix(chunk, n, backend)))
+        transfers.append(Transfer("dispatch", "all_gather", what, _same_payload(chunk, n),
+                                  wire.all_gather_matrix(chunk, n, backend), _same_payload(chunk, n)))
     nbytes = n * t_max * row_bytes(workload)
     transfers.append(Transfer("combine", "reduce_scatter", "tokens", _same_payload(nbytes, n), wire.reduce_scatter_matrix(nbytes, n, backend)))
     return transfers
@@ -138,11 +147,16 @@ def alltoall_transfers(workload: Workload, backend: str) -> list[Transfer]:
     ones = [[1] * n for _ in range(n)]
     sent_rows = [sum(pairs[rank]) for rank in range(n)]  # every pair, local ones included, is in the send buffer
     served_rows = [sum(back[rank]) for rank in range(n)]
+    own = [pairs[rank][rank] for rank in range(n)]  # rows a rank sends to itself: copied, not sent
     return [
-        Transfer("metadata", "all_to_all_single", "counts", _same_payload(n * COUNT_BYTES, n), wire.all_to_all_matrix(ones, COUNT_BYTES)),
-        Transfer("dispatch", "all_to_all_single", "tokens", [rows * row for rows in sent_rows], wire.all_to_all_matrix(pairs, row)),
-        Transfer("dispatch", "all_to_all_single", "expert_ids", [rows * ids for rows in sent_rows], wire.all_to_all_matrix(pairs, ids)),
-        Transfer("combine", "all_to_all_single", "tokens", [rows * row for rows in served_rows], wire.all_to_all_matrix(back, row)),
+        Transfer("metadata", "all_to_all_single", "counts", _same_payload(n * COUNT_BYTES, n),
+                 wire.all_to_all_matrix(ones, COUNT_BYTES), _same_payload(COUNT_BYTES, n)),
+        Transfer("dispatch", "all_to_all_single", "tokens", [rows * row for rows in sent_rows],
+                 wire.all_to_all_matrix(pairs, row), [rows * row for rows in own]),
+        Transfer("dispatch", "all_to_all_single", "expert_ids", [rows * ids for rows in sent_rows],
+                 wire.all_to_all_matrix(pairs, ids), [rows * ids for rows in own]),
+        Transfer("combine", "all_to_all_single", "tokens", [rows * row for rows in served_rows],
+                 wire.all_to_all_matrix(back, row), [rows * row for rows in own]),
     ]
 
 
@@ -158,7 +172,7 @@ PATH_MODELS = {
 
 
 def path_transfers(path: str, workload: Workload, backend: str) -> list[Transfer]:
-    """The collective calls `path` makes on `workload`, in the order it makes them."""
+    """List the collective calls `path` makes on `workload`, in the order it makes them."""
     if path not in PATH_MODELS:
         raise KeyError(f"no byte model for path {path!r}; models exist for {', '.join(PATH_MODELS)}")
     return PATH_MODELS[path](workload, backend)

@@ -3,7 +3,7 @@
 Each collective call costs alpha + beta * x seconds, where x is the largest number of bytes
 any rank sends or receives in that call under the library's algorithm (`Transfer.max_wire_bytes`)
 and alpha, beta belong to that collective. With x measured in wire bytes, 1 / beta is the
-bus bandwidth nccl-tests reports. A path's communication time is the sum over its calls; its
+bus bandwidth nccl-tests reports. A path's communication time is the sum over its calls. Its
 compute time is its FLOPs over a FLOP rate that depends on how many rows each expert gets.
 
 A `Link` holds the fits. It comes either from `python -m moe_lab collectives` on this machine
@@ -81,12 +81,17 @@ class Link:
     estimate: bool  # True for presets that were not measured by this kit
     source: str
     world_size: int | None = None  # ranks the fit was measured on; None for presets
+    # beta: seconds per byte a collective copies locally (rows a rank sends to itself); None ignores them
+    local_copy: AlphaBeta | None = None
     extra: dict = field(default_factory=dict)
 
     def collective_seconds(self, transfer: Transfer) -> float:
         if transfer.op not in self.collectives:
             raise CalibrationError(f"link {self.name!r} has no fit for {transfer.op}; recalibrate with every collective")
-        return self.collectives[transfer.op].predict(transfer.max_wire_bytes())
+        seconds = self.collectives[transfer.op].predict(transfer.max_wire_bytes())
+        if self.local_copy is not None:
+            seconds += self.local_copy.beta * transfer.max_local_bytes()
+        return seconds
 
     def flops_per_s(self, rows_per_expert: float) -> float:
         """Grouped expert FLOP rate at this many rows per expert, log-linear between table entries."""
@@ -104,6 +109,7 @@ class Link:
 _RTX3090_LATENCY_S = 12e-6
 _RTX3090_BUSBW = 12e9
 _RTX3090_FLOPS = 0.5 * 35.6e12
+_RTX3090_MEMORY_BW = 936e9  # bytes/s of GDDR6X; a local copy reads and writes each byte once
 
 LINK_PRESETS: dict[str, Link] = {
     "rtx3090-pcie4-shm": Link(
@@ -114,6 +120,7 @@ LINK_PRESETS: dict[str, Link] = {
                      ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all_single")},
         compute=((1.0, _RTX3090_FLOPS), (1e6, _RTX3090_FLOPS)),
         estimate=True,
+        local_copy=AlphaBeta(0.0, 2.0 / _RTX3090_MEMORY_BW),
         source=(
             "latency 12 us: nccl-tests alltoall_perf on 2x RTX 4090 (PCIe 4.0) with P2P disabled "
             "reports 11.3-11.9 us for 8-64 B messages (github.com/tinygrad/open-gpu-kernel-modules "
@@ -121,7 +128,7 @@ LINK_PRESETS: dict[str, Link] = {
             "x16 link (NCCL INFO log in github.com/NVIDIA/nccl-tests issue 307), because without P2P "
             "every byte is written to host memory by one GPU and read back by the other; compute "
             "17.8 TFLOP/s: an assumed 50% of the RTX 3090's 35.6 TFLOP/s FP32 peak from its published "
-            "specification table"
+            "specification table; local copies: read and write at the 936 GB/s memory bandwidth of the same table"
         ),
     ),
 }
@@ -144,6 +151,7 @@ def link_from_calibration(document: dict, name: str) -> Link:
         estimate=False,
         source=f"measured by `python -m moe_lab collectives` ({name})",
         world_size=document["world_size"],
+        local_copy=None if not document.get("local_copy") else AlphaBeta(**document["local_copy"]),
     )
 
 
@@ -164,7 +172,7 @@ def load_calibration(path: str | Path) -> Link:
 
 
 def resolve_link(name: str, backend: str = "gloo", world_size: int = 2, data_dir: Path = DEFAULT_DATA_DIR) -> Link:
-    """A preset by name, "this-machine" for the calibration file of (backend, world_size), or a path to one."""
+    """Load a link: a preset by name, "this-machine" for the calibration file of (backend, world_size), or a path to one."""
     if name in LINK_PRESETS:
         return LINK_PRESETS[name]
     if name == "this-machine":
@@ -239,7 +247,7 @@ def predict(path: str, workload: Workload, link: Link) -> Prediction:
 
 
 def crossing(xs: list[float], a: list[float], b: list[float]) -> float | None:
-    """The x where a - b changes sign (linear interpolation), scanning from the largest x down.
+    """Find the x where a - b changes sign (linear interpolation), scanning from the largest x down.
 
     Used for locality: all-to-all (a) wins at high locality, so the scan starts where a < b and
     returns the first x below which a is no longer faster. None when a never wins, or always does.

@@ -86,7 +86,7 @@ def _shape_label(row: dict) -> str:
 
 
 def _main_shape(rows: list[dict]) -> dict:
-    """The (preset, world size, top-k, dtype) with the most rows: the locality/tokens grid of the sweep."""
+    """Find the (preset, world size, top-k, dtype) with the most rows: the locality and tokens grid of the sweep."""
     counts: dict[tuple, int] = {}
     for row in rows:
         key = (row["preset"], row["world_size"], row["top_k"], row["dtype"])
@@ -185,7 +185,9 @@ def crossover(rows, shape, colours, out, fmt) -> tuple[Path, list[str]]:
         ax.set_xlabel("locality")
     axes[0][0].set_ylabel("ms inside collectives")
     axes[0][-1].legend(fontsize=6)
-    fig.suptitle("Crossover: all-to-all against the all-reduce and broadcast paths (vertical lines: crossings)")
+    repeats = rows[0]["repeats"] if rows else "?"
+    fig.suptitle(f"Crossover: all-to-all against the all-reduce and broadcast paths, {_shape_label(shape)} "
+                 f"(vertical lines: crossings; median of {repeats} repeats)", fontsize=9)
     fig.tight_layout()
     return _save(fig, out, "crossover", fmt), notes
 
@@ -207,10 +209,41 @@ def predicted_vs_measured(rows, colours, out, fmt) -> Path:
     ax.set_xlabel("measured ms inside collectives")
     ax.set_ylabel("predicted ms (cost model)")
     link = rows[0]["link"] if rows else ""
-    ax.set_title(f"Cost model against measurement ({link})", fontsize=8)
+    repeats = rows[0]["repeats"] if rows else "?"
+    ax.set_title(f"Cost model against measurement, median of {repeats} repeats\n({link})", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out, "predicted_vs_measured", fmt)
+
+
+def _mib(value: str) -> str:
+    return "n/a" if value in ("", None) else f"{float(value) / 2**20:.2f}"
+
+
+def _number(value: str, digits: int = 2) -> str:
+    return "n/a" if value in ("", None) else f"{float(value):.{digits}f}"
+
+
+def sweep_table(rows: list[dict], out: Path) -> Path:
+    """Write the sweep as a Markdown table, one line per (point, path), for BENCHMARKS.md."""
+    columns = ("shape", "tokens/rank", "locality", "path", "MiB sent: model / counted / OS", "comm phases ms",
+               "in collectives ms [p10, p90]", "predicted ms", "compute ms", "GFLOP/s", "total ms")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    order = lambda r: (r["preset"], int(r["world_size"]), int(r["top_k"]), r["dtype"], int(r["tokens"]),  # noqa: E731
+                       float(r["locality"] or 0), r["path"])
+    for row in sorted(rows, key=order):
+        cells = (
+            _shape_label(row), row["tokens"], _number(row["locality"] or 0), row["path"],
+            f"{_mib(row['model_sent_total_bytes'])} / {_mib(row['sent_total_bytes'])} / {_mib(row['os_sent_total_bytes'])}",
+            _number(row["comm_ms"]),
+            f"{_number(row['collective_ms'])} [{_number(row['collective_p10_ms'])}, {_number(row['collective_p90_ms'])}]",
+            _number(row["predicted_comm_ms"]), _number(row["compute_ms"], 1),
+            _number(float(row["compute_flops_per_s"]) / 1e9, 1), _number(row["total_ms"], 1),
+        )
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    path = out / "sweep_table.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 # -- from collectives-*.csv --------------------------------------------------------------------
@@ -222,7 +255,7 @@ def busbw_vs_size(csv_path: Path, out: Path, fmt: str) -> Path:
     if not points or "busbw_GBps" not in points[0]:
         raise ResultsFileError(f"results file {str(csv_path)!r} is not a collectives CSV; rerun `python -m moe_lab collectives`")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for op in dict.fromkeys(point["op"] for point in points):
+    for op in dict.fromkeys(point["op"] for point in points if point["op"] != "all_to_all_self"):
         mine = [point for point in points if point["op"] == op]
         ax.plot([int(p["size"]) for p in mine], [float(p["busbw_GBps"]) for p in mine], "o-", ms=3, label=op)
     ax.set_xscale("log", base=2)
@@ -335,6 +368,7 @@ def make_figures(data: Path, out: Path, fmt: str = "png") -> tuple[list[Path], l
                 written.append(path)
                 notes += crossings
                 written.append(predicted_vs_measured(rows, colours, out, fmt))
+                written.append(sweep_table(rows, out))
         else:
             notes.append(f"no {sweep_csv}: skipped the sweep figures")
         for csv_path in sorted(data.glob("collectives-*.csv")):

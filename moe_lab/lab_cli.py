@@ -161,7 +161,7 @@ def add_sweep_parser(subparsers) -> None:
     parser.add_argument("--placement", default="contiguous", help="expert placement (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument("--paths", type=comma_list(str), default=tuple(PATHS), help=f"paths (default: {','.join(PATHS)})")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per path and point (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per path and point (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per path and point (default: %(default)s)")
     parser.add_argument("--backend", default="auto", help=f"{', '.join(BACKENDS)} (default: %(default)s)")
     parser.add_argument("--link", default="this-machine",
@@ -225,7 +225,7 @@ def add_link_option(parser) -> None:
 
 
 def print_compare_extras(result, args) -> None:
-    """The byte model against the OS, the p10/p90 table and, with --link, predicted against measured."""
+    """Print the byte model against the OS, the p10/p90 table and, with --link, predicted against measured."""
     from .report import format_model_bytes, format_predictions, format_spread_table
 
     print()

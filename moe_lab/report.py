@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .bench import OPS, TargetsResult, bus_factor, path_exchange_spread
+from .bench import OPS, SELF_COPY, TargetsResult, bus_factor, path_exchange_spread
 from .bytes_model import path_transfers, per_rank_by_phase
 from .compare import COMM_PHASES, CompareResult
 from .costmodel import Link, measured_compute_rate, predict
@@ -38,13 +38,14 @@ def format_collectives(document: dict) -> str:
         "size: bytes of the larger per-rank buffer (nccl-tests convention); busbw = algbw x bus factor; "
         "wire: largest bytes a rank sends or receives (model); OS: largest bytes a rank wrote to its sockets",
     ]
-    for op in OPS:
+    for op in OPS + (SELF_COPY,):
         points = [point for point in document["points"] if point["op"] == op]
         if not points:
             continue
         lines += [
             "",
-            f"# {op}  (bus factor {bus_factor(op, n):.3g})",
+            f"# {op}  (bus factor {bus_factor(op, n):.3g})" if op != SELF_COPY else
+            f"# {op}: all_to_all_single with every row to the rank itself (a local copy, nothing on the wire)",
             f"{'size (B)':>12}{'count':>11}{'type':>8}{'time (us)':>11}{'p10':>10}{'p90':>10}{'algbw GB/s':>12}{'busbw GB/s':>12}{'wire (B)':>12}{'OS (B)':>12}",
         ]
         for point in points:
@@ -58,6 +59,11 @@ def format_collectives(document: dict) -> str:
     for op, fit in document["fits"].items():
         bandwidth = 1 / fit["beta"] / 1e9 if fit["beta"] > 0 else math.inf
         lines.append(f"{op:<20}{fit['alpha'] * 1e6:>12.1f}{bandwidth:>15.3f}{fit['max_relative_error']:>12.0%}")
+    if document.get("local_copy"):
+        fit = document["local_copy"]
+        bandwidth = 1 / fit["beta"] / 1e9 if fit["beta"] > 0 else math.inf
+        lines.append(f"{'local copy':<20}{fit['alpha'] * 1e6:>12.1f}{bandwidth:>15.3f}{fit['max_relative_error']:>12.0%}"
+                     f"   (bytes a rank copies to itself; added to calls that keep rows local)")
     if document.get("compute"):
         shape = document["compute_shape"]
         lines += ["", f"grouped expert forward, {shape['preset']} expert shape, {shape['dtype']}, {shape['experts']} experts, "
@@ -137,6 +143,7 @@ def prediction_rows(result: CompareResult, link: Link) -> list[dict]:
             "path": path.path,
             "predicted_comm_s": prediction.comm_seconds,
             "measured_comm_s": measured,
+            "measured_comm_p10_s": None if collective is None else collective.p10,
             "comm_ratio": None if not measured else prediction.comm_seconds / measured,
             "measured_phases_s": path.comm_spread().median,
             "predicted_compute_s": prediction.compute_seconds,
@@ -149,21 +156,21 @@ def format_predictions(result: CompareResult, link: Link) -> str:
     kind = "estimate" if link.estimate else "calibrated"
     lines = [
         f"cost model ({link.name}, {kind}: {link.description}) against this run; ms",
-        "comm: all collective calls (measured: time inside them, each timed by the last rank to arrive); "
-        "phases: metadata + dispatch + combine of the slowest rank, local work included",
-        f"{'path':<24}{'predicted comm':>16}{'measured comm':>15}{'ratio':>8}{'phases':>10}{'predicted compute':>19}{'measured compute':>18}",
+        "comm: all collective calls (measured: time inside them, each timed by the last rank to arrive, median and p10 "
+        "over repeats); phases: metadata + dispatch + combine of the slowest rank, local work included",
+        f"{'path':<24}{'predicted comm':>16}{'measured comm':>15}{'p10':>9}{'ratio':>8}{'phases':>10}{'predicted compute':>19}{'measured compute':>18}",
     ]
     for row in prediction_rows(result, link):
         ratio = "n/a" if row["comm_ratio"] is None else f"{row['comm_ratio']:.2f}"
         lines.append(
-            f"{row['path']:<24}{_ms(row['predicted_comm_s']):>16}{_ms(row['measured_comm_s']):>15}{ratio:>8}"
+            f"{row['path']:<24}{_ms(row['predicted_comm_s']):>16}{_ms(row['measured_comm_s']):>15}{_ms(row['measured_comm_p10_s']):>9}{ratio:>8}"
             f"{_ms(row['measured_phases_s']):>10}{_ms(row['predicted_compute_s']):>19}{_ms(row['measured_compute_s']):>18}"
         )
     return "\n".join(lines)
 
 
 def target_rows(targets: TargetsResult) -> list[dict]:
-    """Each target: what was measured, the ratio, the bound, and whether it holds."""
+    """Compute each target: what was measured, the ratio, the bound, and whether it is met."""
     rows = []
     ratio = targets.alltoall_exchange.median / targets.raw_alltoall.median
     rows.append({
@@ -187,7 +194,7 @@ def target_rows(targets: TargetsResult) -> list[dict]:
         "measured": f"{_bytes(token_bytes['alltoall'])} / {_bytes(token_bytes['allreduce'])} per rank",
         "ratio": share, "bound": f"<= {TARGET_LOCAL_TOKEN_SHARE}", "met": share <= TARGET_LOCAL_TOKEN_SHARE,
     })
-    # Least over ranks per repeat: the exchange's own time, without waiting on another rank's experts.
+    # The minimum over ranks per repeat is the exchange's own time, without waiting on another rank's experts.
     allreduce_comm = path_exchange_spread(paths["allreduce"]).median
     alltoall_comm = path_exchange_spread(paths["alltoall"]).median
     speedup = allreduce_comm / alltoall_comm

@@ -99,7 +99,7 @@ def path_row(result: CompareResult, path: PathResult) -> dict:
 
 
 def model_totals(result: CompareResult, path: str) -> dict[str, int | None]:
-    """The byte model's totals for `path`, largest rank, as `sent_total_bytes` is; None for a path without a model."""
+    """Return the byte model's totals for `path` on the busiest rank (as `sent_total_bytes`), or None without a model."""
     try:
         transfers = path_transfers(path, result.workload, result.backend)
     except KeyError:

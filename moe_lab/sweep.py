@@ -55,7 +55,7 @@ class SweepGrid:
     seed: int = 0
 
     def specs(self) -> list[WorkloadSpec]:
-        """Every point, world size outermost so one launch serves a world size's points."""
+        """List every point, world size outermost so one launch serves a world size's points."""
         preset_top_k = resolve_config(self.preset).top_k
         return [
             WorkloadSpec(preset=self.preset, world_size=world_size, tokens=tokens, routing=self.routing, locality=locality,
@@ -72,7 +72,7 @@ class SweepOptions:
     grid: SweepGrid = SweepGrid()
     out: str = "data/sweep"
     paths: tuple[str, ...] = tuple(PATHS)
-    repeats: int = 3
+    repeats: int = 5
     warmup: int = 1
     backend: str = "auto"
     link: str = "this-machine"  # cost model for the predicted columns; calibrated per world size if missing
@@ -81,7 +81,7 @@ class SweepOptions:
 
 
 def point_key(spec: WorkloadSpec) -> tuple[str, ...]:
-    """The key fields of a point as the CSV stores them (strings), for resuming."""
+    """Return the key fields of a point as the CSV stores them (strings), for resuming."""
     locality = f"{spec.locality:.6g}" if spec.routing == "local" else ""
     return (
         spec.preset, str(spec.world_size), str(spec.tokens), spec.routing, locality,
@@ -136,12 +136,12 @@ def _csv_value(value):
 
 
 def calibration_csv(document: dict) -> str:
-    """The calibration's points as CSV, with the fitted time beside each, for the busbw figure."""
+    """Format the calibration's points as CSV, with the fitted time beside each, for the busbw figure."""
     fields = ["op", "size", "count", "ranks", "backend", "iters", "time_us", "p10_us", "p90_us", "algbw_GBps", "busbw_GBps",
               "wire_bytes", "os_sent_bytes", "fit_us"]
     rows = []
     for point in document["points"]:
-        fit = document["fits"][point["op"]]
+        fit = document["fits"].get(point["op"]) or document.get("local_copy") or {"alpha": float("nan"), "beta": float("nan")}
         rows.append({
             "op": point["op"], "size": point["size"], "count": point["count"], "ranks": document["world_size"],
             "backend": document["backend"], "iters": point["iters"], "time_us": point["time_s"] * 1e6,
@@ -153,7 +153,7 @@ def calibration_csv(document: dict) -> str:
 
 
 def sweep_rows(result: CompareResult, spec: WorkloadSpec, link: Link | None) -> list[dict]:
-    """One CSV row per path of a finished point."""
+    """Build one CSV row per path of a finished point."""
     key = dict(zip(KEY_FIELDS, point_key(spec)))
     rows = []
     for path in result.paths:
@@ -181,7 +181,7 @@ def _settings(options: SweepOptions) -> dict:
 
 
 def check_metadata(folder: Path, options: SweepOptions) -> dict:
-    """The folder's metadata, after checking it was made with the same fixed settings."""
+    """Load the folder's metadata and check that it was made with the same fixed settings."""
     path = folder / SWEEP_JSON
     if not path.exists():
         return {}
@@ -199,7 +199,7 @@ def check_metadata(folder: Path, options: SweepOptions) -> dict:
 
 
 def link_for(options: SweepOptions, world_size: int, backend: str, folder: Path) -> Link | None:
-    """The cost model for a world size: a preset or file, or this machine calibrated now if not yet done."""
+    """Return the cost model for a world size: a preset or file, or this machine, calibrated now if not yet done."""
     if options.link == "none":
         return None
     if options.link != "this-machine":
