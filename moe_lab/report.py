@@ -7,7 +7,7 @@ import math
 from .bench import OPS, SELF_COPY, TargetsResult, bus_factor, path_exchange_spread
 from .bytes_model import path_transfers, per_rank_by_phase
 from .compare import COMM_PHASES, CompareResult
-from .costmodel import Link, measured_compute_rate, predict
+from .costmodel import LINK_PRESETS, Link, measured_compute_rate, predict
 
 TARGET_A2A_OVER_RAW = 1.25
 TARGET_GROUPED_OVER_DENSE = 0.7
@@ -216,6 +216,23 @@ def target_rows(targets: TargetsResult) -> list[dict]:
     return rows
 
 
+def format_outlook(targets: TargetsResult, link: Link) -> str:
+    """Predict the two communication targets for another link, from the same workloads' byte model."""
+    gate, local = targets.gate.workload, targets.local.workload
+    alltoall_calls = path_transfers("alltoall", gate, link.backend)
+    raw = sum(link.collective_seconds(call) for call in alltoall_calls if call.what == "tokens")
+    exchange = sum(link.collective_seconds(call) for call in alltoall_calls)
+    allreduce_local = predict("allreduce", local, link).comm_seconds
+    alltoall_local = predict("alltoall", local, link).comm_seconds
+    return "\n".join([
+        f"the same workloads on {link.name} ({link.description}; an estimate, collectives only, local "
+        f"permutations left out):",
+        f"  alltoall exchange / raw all_to_all_single: {exchange * 1e3:.3f} / {raw * 1e3:.3f} ms = {exchange / raw:.2f}",
+        f"  local-only routing, allreduce / alltoall comm: {allreduce_local * 1e3:.3f} / {alltoall_local * 1e3:.3f} ms "
+        f"= {allreduce_local / alltoall_local:.1f}",
+    ])
+
+
 def format_targets(targets: TargetsResult) -> str:
     options = targets.options
     gate = targets.gate
@@ -233,4 +250,5 @@ def format_targets(targets: TargetsResult) -> str:
     for row in target_rows(targets):
         lines.append(f"{row['target']:<66}{row['measured']:>34}{row['ratio']:>9.3f}{row['bound']:>12}  {'met' if row['met'] else 'MISSED'}")
     lines += ["", format_predictions(targets.gate, targets.link), "", format_spread_table(targets.gate)]
+    lines += ["", format_outlook(targets, LINK_PRESETS["rtx3090-pcie4-shm"])]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from moe_lab.cli import main
 from moe_lab.costmodel import LINK_PRESETS, AlphaBeta, CalibrationError, crossing, fit_alpha_beta, predict, predicted_crossover, resolve_link
 from moe_lab.figures import make_figures
 from moe_lab.paths import PATHS
-from moe_lab.report import target_rows
+from moe_lab.report import format_targets, target_rows
 from moe_lab.stats import spread
 from moe_lab.workload import WorkloadSpec, build_workload
 
@@ -266,3 +266,6 @@ def test_targets_rows():
     assert rows["local-only routing: alltoall token bytes / allreduce token bytes"]["ratio"] == 0.0
     assert any(name.startswith("cost model / measured comm, alltoall") for name in rows)
     assert all(path.passed for path in targets.gate.paths + targets.local.paths)
+    text = format_targets(targets)
+    assert "MISSED" in text or "met" in text
+    assert "rtx3090-pcie4-shm" in text
