@@ -15,6 +15,7 @@ compare:
 # on 2 CPU cores). It starts from scratch: a finished sweep in $(REFERENCE) would be resumed, not redone.
 reference:
 	rm -rf $(REFERENCE) figures
+	mkdir -p $(REFERENCE)
 	python -m moe_lab collectives --out $(REFERENCE) | tee $(REFERENCE)/collectives.txt
 	python -m moe_lab sweep --out $(REFERENCE)
 	python -m moe_lab sweep --out $(REFERENCE) --tokens 16 --locality 0.5 --top-k 2,6 --dtype float32,bfloat16

@@ -1,9 +1,9 @@
 """The byte model: what each path hands to each collective, and what crosses the wire.
 
 This module is the one place with the formulas. For each path, one function lists the
-collective calls the path makes on a workload, as `Transfer`s: the phase, the collective, the
-payload each rank hands it, and the wire bytes from each rank to each rank under the backend's
-algorithm (from `wire`). Everything else derives from that list: per-rank bytes sent and
+collective calls the path makes on a workload, as `Transfer`s. A transfer names the phase and
+the collective, the payload each rank hands it, and the wire bytes from each rank to each rank
+under the backend's algorithm (from `wire`). Everything else derives from that list: per-rank bytes sent and
 received per phase, payload bytes, the (src, dst) traffic matrices of the figures, and the
 calls the cost model prices. Tests compare the totals with what the recording communicator
 counted and with what the OS measured.

@@ -6,7 +6,7 @@ and alpha, beta belong to that collective. With x measured in wire bytes, 1 / be
 bus bandwidth nccl-tests reports. A path's communication time is the sum over its calls. Its
 compute time is its FLOPs over a FLOP rate that depends on how many rows each expert gets.
 
-A `Link` holds the fits. It comes either from `python -m moe_lab collectives` on this machine
+A `Link` contains the fits. It comes either from `python -m moe_lab collectives` on this machine
 (`load_calibration`), or from `LINK_PRESETS`, estimates for machines the kit targets but that
 were not available to measure.
 """

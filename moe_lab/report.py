@@ -172,12 +172,14 @@ def format_predictions(result: CompareResult, link: Link) -> str:
 def target_rows(targets: TargetsResult) -> list[dict]:
     """Compute each target: what was measured, the ratio, the bound, and whether it is met."""
     rows = []
+
     ratio = targets.alltoall_exchange.median / targets.raw_alltoall.median
     rows.append({
         "target": "alltoall dispatch+combine / raw all_to_all_single, same splits",
         "measured": f"{targets.alltoall_exchange.median * 1e3:.2f} ms / {targets.raw_alltoall.median * 1e3:.2f} ms",
         "ratio": ratio, "bound": f"<= {TARGET_A2A_OVER_RAW}", "met": ratio <= TARGET_A2A_OVER_RAW,
     })
+
     grouped = sum(rank["grouped_flops_per_s"] for rank in targets.compute) / len(targets.compute)
     dense = sum(rank["dense_flops_per_s"] for rank in targets.compute) / len(targets.compute)
     rows.append({
@@ -185,6 +187,7 @@ def target_rows(targets: TargetsResult) -> list[dict]:
         "measured": f"{grouped / 1e9:.1f} / {dense / 1e9:.1f} GFLOP/s per rank",
         "ratio": grouped / dense, "bound": f">= {TARGET_GROUPED_OVER_DENSE}", "met": grouped / dense >= TARGET_GROUPED_OVER_DENSE,
     })
+
     paths = {path.path: path for path in targets.local.paths}
     token_bytes = {name: max(sum(r["sent_bytes"] for r in records if r["what"] == "tokens") for records in path.records)
                    for name, path in paths.items()}
@@ -203,6 +206,7 @@ def target_rows(targets: TargetsResult) -> list[dict]:
         "measured": f"{allreduce_comm * 1e3:.2f} ms / {alltoall_comm * 1e3:.2f} ms",
         "ratio": speedup, "bound": f">= {TARGET_LOCAL_SPEEDUP}", "met": speedup >= TARGET_LOCAL_SPEEDUP,
     })
+
     for label, result in (("gate", targets.gate), ("local p=1", targets.local)):
         for row in prediction_rows(result, targets.link):
             if row["comm_ratio"] is None:

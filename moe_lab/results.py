@@ -83,6 +83,8 @@ def path_row(result: CompareResult, path: PathResult) -> dict:
     }
     row.update({f"sent_{phase}_bytes": sent[phase] for phase in COMM_PHASES})
     row.update({f"{phase}_ms": path.phase_seconds(phase) * 1e3 for phase in PHASES})
+
+    # Spread over repeats, time inside collectives, and the byte model.
     for phase in PHASES:
         stats = path.phase_spread(phase)
         row[f"{phase}_p10_ms"], row[f"{phase}_p90_ms"] = stats.p10 * 1e3, stats.p90 * 1e3

@@ -84,7 +84,7 @@ def zero_matrix(world_size: int) -> list[list[int]]:
 
 
 def ring_matrix(per_rank_bytes: int, world_size: int) -> list[list[int]]:
-    """Each rank sends `per_rank_bytes` to the next rank on the ring."""
+    """Build the matrix of a ring in which each rank sends `per_rank_bytes` to the next rank."""
     matrix = zero_matrix(world_size)
     if world_size > 1:
         for rank in range(world_size):
