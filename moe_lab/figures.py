@@ -111,10 +111,10 @@ def bytes_vs_locality(rows, shape, colours, out, fmt) -> Path:
         for path, points in _series(rows, "locality", "os_sent_total_bytes", tokens=count, **shape).items():
             ax.plot([p[0] for p in points], [p[1] / 2**20 for p in points], "x", color=colours[path], ms=4)
         ax.set_title(f"{count} tokens per rank")
-        ax.set_xlabel("locality (share of a token's experts on its rank)")
+        ax.set_xlabel("locality")
     axes[0][0].set_ylabel("MiB sent by the busiest rank")
     axes[0][-1].legend(fontsize=7, title="line: model, o: counted, x: OS", title_fontsize=7)
-    fig.suptitle(f"Bytes per path against routing locality ({_shape_label(shape)})")
+    fig.suptitle(f"Bytes per path against locality, the share of a token's experts on its own rank ({_shape_label(shape)})")
     fig.tight_layout()
     return _save(fig, out, "bytes_vs_locality", fmt)
 
@@ -338,11 +338,13 @@ def timelines(document: dict, name: str, out: Path, fmt: str) -> Path:
         ax.set_yticklabels([f"rank {rank}" for rank in range(n)])
         ax.invert_yaxis()
         ax.set_title(path["path"], fontsize=8, loc="left")
+    for ax in axes[:, 0]:
+        ax.set_xlim(left=0)
     axes[-1][0].set_xlabel("ms since the barrier-aligned start of the layer (last repeat)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in PHASE_COLOURS.values()]
-    axes[0][0].legend(handles, list(PHASE_COLOURS), fontsize=7, ncol=4, loc="lower right")
-    fig.suptitle("Per-rank phases of one layer: a gap before combine is waiting on a slower rank", fontsize=9)
-    fig.tight_layout()
+    fig.legend(handles, list(PHASE_COLOURS), fontsize=7, ncol=4, loc="lower center")
+    fig.suptitle("Per-rank phases of one layer: a long combine on one rank is waiting for the other rank's experts", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return _save(fig, out, f"timeline_{name}", fmt)
 
 
