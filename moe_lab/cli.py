@@ -1,4 +1,4 @@
-"""The command line: `python -m moe_lab compare` and `python -m moe_lab env`."""
+"""The command line: `compare`, `env`, `trace`, `trace-stats`, and the measuring commands of `lab_cli`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .config import PRESETS
 from .environment import advise, choose_backend, format_report, inspect_environment
 from .errors import InputError
 from .faults import FAULT_ENV
+from .lab_cli import ADD_PARSERS, COMMANDS, add_link_option, print_compare_extras
 from .launch import BACKENDS, DEFAULT_TIMEOUT_S, RankError, under_torchrun
 from .paths import DISPATCH_DTYPES, PATHS
 from .results import path_row, result_json, result_metadata, rows_csv, write_new_atomic
@@ -97,6 +98,7 @@ def add_compare_parser(subparsers) -> None:
                         "or the trace's layer with recorded hidden states)")
     parser.add_argument("--out", default="data/runs", help="folder for the CSV and JSON metadata (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    add_link_option(parser)
 
 
 def spec_from_args(args) -> WorkloadSpec:
@@ -244,6 +246,7 @@ def cmd_compare(args) -> int:
         print(json.dumps(_json_safe(document), indent=1, default=str))
     else:
         print(format_table(result))
+        print_compare_extras(result, args)
         print(f"saved {csv_path} and {json_path}")
     failed = [path.path for path in result.paths if not path.passed]
     if failed:
@@ -373,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace_parser(subparsers)
     add_trace_stats_parser(subparsers)
     add_env_parser(subparsers)
+    for add_parser in ADD_PARSERS:
+        add_parser(subparsers)
     return parser
 
 
@@ -381,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"compare": cmd_compare, "env": cmd_env, "trace": cmd_trace, "trace-stats": cmd_trace_stats}[args.command](args)
+        commands = {"compare": cmd_compare, "env": cmd_env, "trace": cmd_trace, "trace-stats": cmd_trace_stats, **COMMANDS}
+        return commands[args.command](args)
     except InputError as err:
         print(f"moe_lab: error: {err}", file=sys.stderr)
         return 2

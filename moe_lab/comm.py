@@ -43,6 +43,7 @@ class CommRecord:
     recv_bytes: int  # bytes this rank receives from other ranks
     os_sent_bytes: int | None  # bytes this process wrote during the call (gloo on Linux), else None
     seconds: float | None  # wall time of the call on CPU; None on CUDA (asynchronous)
+    sent_to: list[int] | None = None  # sent_bytes split by destination rank (the algorithm's, see wire)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,7 +190,8 @@ class RecordingComm:
                 f"Sum in bfloat16 or float32 instead"
             )
 
-    def _run(self, op: str, what: str, tensor: torch.Tensor, wire_bytes: tuple[int, int], call, async_op: bool, after=None) -> None:
+    def _run(self, op: str, what: str, tensor: torch.Tensor, wire_bytes: tuple[int, int], call, async_op: bool,
+             sent_to: list[int] | None = None, after=None) -> None:
         """Issue `call(async_op)` and record it; `after` runs once the result is in place.
 
         An asynchronous call is recorded when issued, without OS bytes or seconds, because
@@ -206,6 +208,7 @@ class RecordingComm:
             recv_bytes=wire_bytes[1],
             os_sent_bytes=None,
             seconds=None,
+            sent_to=sent_to,
         )
         self.records.append(record)
         self._announce(description)  # before the clock starts, so the timing excludes it
@@ -245,7 +248,7 @@ class RecordingComm:
             "all_reduce", what, buffer,
             wire.all_reduce_wire(nbytes, self.world_size, self.backend),
             lambda async_op: dist.all_reduce(buffer, group=self.group, async_op=async_op),
-            async_op, after=None if buffer is tensor else lambda: tensor.copy_(buffer),
+            async_op, sent_to=wire.all_reduce_matrix(nbytes, self.world_size, self.backend)[self.rank], after=None if buffer is tensor else lambda: tensor.copy_(buffer),
         )
         return tensor
 
@@ -257,7 +260,7 @@ class RecordingComm:
             "broadcast", what, buffer,
             wire.broadcast_wire(nbytes, self.rank, src, self.world_size, self.backend),
             lambda async_op: dist.broadcast(self._sendable(buffer), src=src, group=self.group, async_op=async_op),
-            async_op, after=None if buffer is tensor else lambda: tensor.copy_(buffer),
+            async_op, sent_to=wire.broadcast_matrix(nbytes, src, self.world_size, self.backend)[self.rank], after=None if buffer is tensor else lambda: tensor.copy_(buffer),
         )
         return tensor
 
@@ -270,7 +273,7 @@ class RecordingComm:
             "all_gather", what, source,
             wire.all_gather_wire(nbytes, self.world_size, self.backend),
             lambda async_op: _all_gather_single(self._sendable(out), self._sendable(source), group=self.group, async_op=async_op),
-            async_op,
+            async_op, sent_to=wire.all_gather_matrix(nbytes, self.world_size, self.backend)[self.rank],
         )
         return out
 
@@ -288,7 +291,7 @@ class RecordingComm:
             "reduce_scatter", what, source,
             wire.reduce_scatter_wire(nbytes, self.world_size, self.backend),
             lambda async_op: _reduce_scatter_single(out, source, group=self.group, async_op=async_op),
-            async_op,
+            async_op, sent_to=wire.reduce_scatter_matrix(nbytes, self.world_size, self.backend)[self.rank],
         )
         return out
 
@@ -312,7 +315,7 @@ class RecordingComm:
                 output_split_sizes=output_splits, input_split_sizes=input_splits, group=self.group,
                 async_op=async_op,
             ),
-            async_op,
+            async_op, sent_to=[0 if peer == self.rank else rows * row_nbytes for peer, rows in enumerate(input_splits)],
         )
         return out
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import statistics
@@ -17,6 +19,7 @@ from .faults import check_fault_rank, fault_from_environment
 from .launch import DEFAULT_TIMEOUT_S, RankContext, check_timeout, resolve_backend, run_ranks, run_torchrun_rank
 from .moe import ExpertWeights, SharedExpertWeights, init_experts, init_shared_experts, reference_forward
 from .paths import DISPATCH_DTYPES, PATHS, LocalLayer, PathOptions, RankBatch, get_path, moe_forward
+from .stats import Spread, spread
 from .workload import Workload, WorkloadSpec, build_workload
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,17 @@ class PathResult:
     error: float = float("nan")  # max |path - reference| / max |reference| over all ranks
     passed: bool = False
     variant: Variant | None = None
+    # per rank, per repeat: seconds of each collective call in issue order (None on CUDA)
+    call_seconds: list[list[list[float | None]]] = field(default_factory=list)
+
+    @property
+    def base_path(self) -> str:
+        """The path this result's variant runs, e.g. "alltoall" for "alltoall+fp8"."""
+        return self.variant.path if self.variant is not None else self.path
+
+    @property
+    def options(self) -> PathOptions:
+        return self.variant.options if self.variant is not None else PathOptions()
 
     def bytes_by_phase(self, rank: int, key: str = "sent_bytes") -> dict[str, int | None]:
         totals: dict[str, int | None] = {phase: 0 for phase in COMM_PHASES}
@@ -107,6 +121,39 @@ class PathResult:
     def total_seconds(self) -> float:
         per_repeat = zip(*self.timings)
         return statistics.median(max(sum(rank.values()) for rank in ranks) for ranks in per_repeat)
+
+    @property
+    def repeats(self) -> int:
+        return len(self.timings[0]) if self.timings else 0
+
+    def phase_spread(self, phase: str) -> Spread:
+        """Median, p10 and p90 over repeats of the slowest rank's time in `phase`."""
+        return spread(max(rank.get(phase, 0.0) for rank in ranks) for ranks in zip(*self.timings))
+
+    def total_spread(self) -> Spread:
+        return spread(max(sum(rank.values()) for rank in ranks) for ranks in zip(*self.timings))
+
+    def comm_spread(self) -> Spread:
+        """Time in the communication phases (metadata, dispatch, combine) of the slowest rank."""
+        return spread(
+            max(sum(rank.get(phase, 0.0) for phase in COMM_PHASES) for rank in ranks) for ranks in zip(*self.timings)
+        )
+
+    def collective_spread(self) -> Spread | None:
+        """Time inside the collective calls alone, per repeat, over repeats.
+
+        A rank that reaches a collective early waits there for the others, so each call is
+        timed by the rank that spent least in it (the last to arrive): the call's own time.
+        None where calls were not timed (CUDA, where they run asynchronously).
+        """
+        if not self.call_seconds or any(
+            seconds is None for rank in self.call_seconds for repeat in rank for seconds in repeat
+        ):
+            return None
+        per_repeat = []
+        for ranks in zip(*self.call_seconds):  # one repeat: each rank's list of call seconds
+            per_repeat.append(sum(min(calls) for calls in zip(*ranks)))
+        return spread(per_repeat)
 
 
 @dataclass
@@ -134,24 +181,35 @@ def rank_batch(workload: Workload, rank: int, whole_batch: bool, device: torch.d
     return batch
 
 
+@functools.lru_cache(maxsize=1)
+def _expert_weights(cfg, expert_ids: tuple[int, ...], seed: int, dtype: torch.dtype):
+    """Routed and shared expert weights drawn from the seed, kept for the next workload of the same shape.
+
+    Drawing DeepSeek-V2-Lite's experts takes seconds, and a sweep runs many workloads of one
+    shape in a row. Callers must not modify the returned tensors.
+    """
+    return init_experts(cfg, list(expert_ids), seed, dtype), init_shared_experts(cfg, seed, dtype)
+
+
 def layer_weights(workload: Workload, expert_ids: list[int]) -> tuple[ExpertWeights, SharedExpertWeights | None]:
     """Read the routed experts `expert_ids` and the shared experts from the workload's checkpoint, or draw them from the seed."""
     if workload.checkpoint is not None:
         checkpoint = open_checkpoint(workload.checkpoint)
         experts = checkpoint.experts(workload.layer, expert_ids, workload.dtype)
         return experts, checkpoint.shared_experts(workload.layer, workload.dtype)
-    experts = init_experts(workload.cfg, expert_ids, workload.seed, workload.dtype)
-    return experts, init_shared_experts(workload.cfg, workload.seed, workload.dtype)
+    return _expert_weights(workload.cfg, tuple(expert_ids), workload.seed, workload.dtype)
+
+
+def _on_device(weights, device: torch.device):
+    if weights is None:
+        return None
+    moved = {name: value.to(device) for name, value in vars(weights).items() if isinstance(value, torch.Tensor)}
+    return dataclasses.replace(weights, **moved)
 
 
 def local_layer(workload: Workload, rank: int, device: torch.device) -> LocalLayer:
     experts, shared = layer_weights(workload, workload.placement.local_experts(rank))
-    for weights in (experts, shared):
-        if weights is not None:
-            for name, tensor in vars(weights).items():
-                if isinstance(tensor, torch.Tensor):
-                    setattr(weights, name, tensor.to(device))
-    return LocalLayer(workload.placement, experts, shared)
+    return LocalLayer(workload.placement, _on_device(experts, device), _on_device(shared, device))
 
 
 def compare_rank(
@@ -161,8 +219,11 @@ def compare_rank(
     return [measure_workload(ctx, spec, variants, repeats, warmup) for spec in specs]
 
 
-def measure_workload(ctx: RankContext, spec: WorkloadSpec, variants: tuple[Variant, ...], repeats: int, warmup: int) -> dict:
-    """Run each path on one workload, warm-up first, and return what this rank measured."""
+def measure_workload(
+    ctx: RankContext, spec: WorkloadSpec, variants: tuple[Variant | str, ...], repeats: int, warmup: int
+) -> dict:
+    """Run each variant (or plain path name) on one workload, warm-up first, and return what this rank measured."""
+    variants = tuple(variant if isinstance(variant, Variant) else Variant(variant) for variant in variants)
     workload = build_workload(spec)
     if workload.world_size != ctx.world_size:
         raise ValueError(f"workload has {workload.world_size} ranks but {ctx.world_size} were started")
@@ -175,7 +236,7 @@ def measure_workload(ctx: RankContext, spec: WorkloadSpec, variants: tuple[Varia
         if ctx.monitor is not None:
             ctx.monitor.set_path(name)
         batch = rank_batch(workload, ctx.rank, path.holds_whole_batch, ctx.device)
-        timings = []
+        timings, call_seconds = [], []
         started = time.perf_counter()
         for repeat in range(warmup + repeats):
             comm.barrier()  # barrier-aligned start, so the slowest rank sets the layer time
@@ -187,10 +248,12 @@ def measure_workload(ctx: RankContext, spec: WorkloadSpec, variants: tuple[Varia
                 raise
             if repeat >= warmup:
                 timings.append(comm.clock.totals())
+                call_seconds.append([record.seconds for record in comm.records])
         measured[name] = {
             "output": output.cpu(),
             "records": [record.to_dict() for record in comm.records],
             "timings": timings,
+            "call_seconds": call_seconds,
             "segments": comm.clock.segments(),
             "seconds": time.perf_counter() - started,  # warm-up and repeats, wall time on this rank
         }
@@ -299,6 +362,7 @@ def _assemble(options: CompareOptions, workload: Workload, per_rank: list[dict],
             timings=[rank["timings"] for rank in measured],
             segments=[rank["segments"] for rank in measured],
             wall_seconds=max(rank["seconds"] for rank in measured),
+            call_seconds=[rank["call_seconds"] for rank in measured],
         )
         check_against_reference(path_result, reference, workload)
         result.paths.append(path_result)

@@ -125,11 +125,7 @@ def traffic_matrix(path_result, what: tuple[str, ...] | None = None) -> list[lis
         for record in records:
             if what is not None and record["what"] not in what:
                 continue
-            sent_to = record.get("sent_to")
-            if sent_to is None and n == 2:  # two ranks: everything sent goes to the other one
-                sent_to = [0, 0]
-                sent_to[1 - src] = record["sent_bytes"]
-            for dst, value in enumerate(sent_to):
+            for dst, value in enumerate(record["sent_to"]):
                 matrix[src][dst] += value
     return matrix
 

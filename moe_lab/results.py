@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .bytes_model import path_transfers, per_rank_by_phase, token_bytes_sent
 from .compare import COMM_PHASES, PHASES, CompareResult, PathResult
 from .environment import inspect_environment
 from .errors import InputError
@@ -30,6 +31,10 @@ CSV_FIELDS = (
     + ["sent_total_bytes", "os_sent_total_bytes"]
     + [f"{phase}_ms" for phase in PHASES]
     + ["total_ms", "rel_error", "passed"]
+    # spread over repeats, and the byte model (largest rank), appended so older readers keep working
+    + [f"{phase}_{q}_ms" for phase in PHASES + ("total",) for q in ("p10", "p90")]
+    + ["comm_ms", "comm_p10_ms", "comm_p90_ms", "collective_ms", "collective_p10_ms", "collective_p90_ms"]
+    + ["model_sent_total_bytes", "model_received_total_bytes", "model_payload_total_bytes", "token_sent_bytes"]
 )
 
 
@@ -178,7 +183,34 @@ def path_row(result: CompareResult, path: PathResult) -> dict:
     }
     row.update({f"sent_{phase}_bytes": sent[phase] for phase in COMM_PHASES})
     row.update({f"{phase}_ms": path.phase_seconds(phase) * 1e3 for phase in PHASES})
+
+    # Spread over repeats, time inside collectives, and the byte model.
+    for phase in PHASES:
+        stats = path.phase_spread(phase)
+        row[f"{phase}_p10_ms"], row[f"{phase}_p90_ms"] = stats.p10 * 1e3, stats.p90 * 1e3
+    total = path.total_spread()
+    row["total_p10_ms"], row["total_p90_ms"] = total.p10 * 1e3, total.p90 * 1e3
+    comm = path.comm_spread()
+    row.update(comm_ms=comm.median * 1e3, comm_p10_ms=comm.p10 * 1e3, comm_p90_ms=comm.p90 * 1e3)
+    collective = path.collective_spread()  # None where calls are not timed (CUDA)
+    for key, statistic in (("collective_ms", "median"), ("collective_p10_ms", "p10"), ("collective_p90_ms", "p90")):
+        row[key] = None if collective is None else getattr(collective, statistic) * 1e3
+    row.update(model_totals(result, path))
+    row["token_sent_bytes"] = max((token_bytes_sent(records) for records in path.records), default=0)
     return row
+
+
+def model_totals(result: CompareResult, path: PathResult) -> dict[str, int | None]:
+    """Return the byte model's totals for `path` on the busiest rank (as `sent_total_bytes`), or None without a model."""
+    try:
+        transfers = path_transfers(path.base_path, result.workload, result.backend, path.options)
+    except KeyError:
+        return {"model_sent_total_bytes": None, "model_received_total_bytes": None, "model_payload_total_bytes": None}
+    n = result.workload.world_size
+    totals = {}
+    for kind, key in (("sent", "model_sent_total_bytes"), ("received", "model_received_total_bytes"), ("payload", "model_payload_total_bytes")):
+        totals[key] = max((sum(rank.values()) for rank in per_rank_by_phase(transfers, n, kind)), default=0)
+    return totals
 
 
 def git_commit() -> str | None:

@@ -66,6 +66,7 @@ class WorkloadSpec:
     routing_file: str | None = None  # explicit routing (sets shape, ranks, placement, dtype, seed) or a trace
     checkpoint: str | None = None  # local snapshot folder: shape, gate and expert weights of one layer
     layer: int | None = None  # model layer of the checkpoint or trace; default: the first MoE layer
+    top_k: int | None = None  # experts per token, replacing the preset's; None keeps it
 
 
 @dataclass
@@ -158,6 +159,8 @@ def build_workload(spec: WorkloadSpec) -> Workload:
         raise ConfigError(f"layer={spec.layer} needs a checkpoint or a trace to choose the layer from")
     else:
         cfg = resolve_config(spec.preset)
+    if spec.top_k is not None and spec.top_k != cfg.top_k:
+        cfg = cfg.replace(top_k=spec.top_k)
     placement = Placement(spec.placement, cfg.n_experts, spec.world_size)
     dtype = parse_dtype(spec.dtype)
     if spec.tokens is None:

@@ -50,6 +50,12 @@ class PathOptions:
         return "+".join(parts)
 
 
+def chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:
+    """(start, stop) of `chunks` contiguous, nearly equal pieces of `tokens` rows; some may be empty."""
+    bounds = torch.linspace(0, tokens, chunks + 1).round().long().tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 @dataclass
 class RankBatch:
     """The tokens one rank brings to the layer."""
@@ -65,11 +71,10 @@ class RankBatch:
 
     def split(self, chunks: int) -> list[tuple[int, int, RankBatch]]:
         """(start, stop, sub-batch) for `chunks` contiguous pieces of the own tokens; some may be empty."""
-        bounds = torch.linspace(0, self.x.shape[0], chunks + 1).round().long().tolist()
         return [
             (start, stop, replace(self, x=self.x[start:stop], topk_ids=self.topk_ids[start:stop],
                                   topk_weights=self.topk_weights[start:stop], offset=self.offset + start))
-            for start, stop in zip(bounds[:-1], bounds[1:])
+            for start, stop in chunk_bounds(self.x.shape[0], chunks)
         ]
 
 
