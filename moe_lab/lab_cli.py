@@ -161,6 +161,10 @@ def add_sweep_parser(subparsers) -> None:
     parser.add_argument("--placement", default="contiguous", help="expert placement (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument("--paths", type=comma_list(str), default=tuple(PATHS), help=f"paths (default: {','.join(PATHS)})")
+    parser.add_argument("--dispatch-dtype", type=comma_list(str), default=(),
+                        help="also run each path that dispatches tokens with tokens sent as bfloat16 or fp8 (comma-separated)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="also run each path that dispatches tokens with communication overlapped with compute")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per path and point (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per path and point (default: %(default)s)")
     parser.add_argument("--backend", default="auto", help=f"{', '.join(BACKENDS)} (default: %(default)s)")
@@ -181,6 +185,7 @@ def cmd_sweep(args) -> int:
     grid = SweepGrid(preset=args.preset, tokens=args.tokens, localities=args.locality, top_ks=args.top_k,
                      world_sizes=args.world_size, dtypes=args.dtype, placement=args.placement, seed=args.seed)
     options = SweepOptions(grid=grid, out=args.out, paths=args.paths, repeats=args.repeats, warmup=args.warmup,
+                           dispatch_dtypes=args.dispatch_dtype, overlap=args.overlap,
                            backend=args.backend, link=args.link, points_per_launch=args.points_per_launch, timeout_s=args.timeout)
     if args.link not in ("this-machine", "none"):
         resolve_link(args.link)  # reject an unknown link before anything runs

@@ -35,7 +35,11 @@ KEY_FIELDS = ("preset", "world_size", "tokens", "routing", "locality", "top_k", 
 EXTRA_FIELDS = ("link", "predicted_comm_ms", "predicted_compute_ms", "compute_flops_per_s")
 SWEEP_FIELDS = list(KEY_FIELDS) + [field for field in CSV_FIELDS if field not in KEY_FIELDS] + list(EXTRA_FIELDS)
 # Settings every point of one sweep folder shares; a rerun with others would mix incomparable rows.
-FIXED_SETTINGS = ("preset", "routing", "placement", "seed", "repeats", "warmup", "paths", "backend", "link")
+FIXED_SETTINGS = (
+    "preset", "routing", "placement", "seed", "repeats", "warmup", "paths", "dispatch_dtypes", "overlap", "backend", "link",
+)
+# Settings added after the first sweeps were written: a folder without them used their defaults.
+SETTING_DEFAULTS = {"dispatch_dtypes": [], "overlap": False}
 
 
 class ResultsFileError(InputError):
@@ -72,6 +76,8 @@ class SweepOptions:
     grid: SweepGrid = SweepGrid()
     out: str = "data/sweep"
     paths: tuple[str, ...] = tuple(PATHS)
+    dispatch_dtypes: tuple[str, ...] = ()  # each adds a variant of every path that dispatches tokens
+    overlap: bool = False  # adds an overlapped variant of every path that dispatches tokens
     repeats: int = 5
     warmup: int = 1
     backend: str = "auto"
@@ -176,6 +182,7 @@ def _settings(options: SweepOptions) -> dict:
     return {
         "preset": grid.preset, "routing": grid.routing, "placement": grid.placement, "seed": grid.seed,
         "repeats": options.repeats, "warmup": options.warmup, "paths": list(options.paths),
+        "dispatch_dtypes": list(options.dispatch_dtypes), "overlap": options.overlap,
         "backend": options.backend, "link": options.link,
     }
 
@@ -191,6 +198,7 @@ def check_metadata(folder: Path, options: SweepOptions) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ResultsFileError(f"metadata file {str(path)!r} is corrupt ({type(err).__name__}: {err}); move it away and rerun") from None
     current = _settings(options)
+    previous = {**SETTING_DEFAULTS, **previous}
     changed = [name for name in FIXED_SETTINGS if previous.get(name) != current.get(name)]
     if changed:
         details = ", ".join(f"{name}={previous.get(name)!r} there but {current.get(name)!r} now" for name in changed)
@@ -246,7 +254,8 @@ def run_sweep(options: SweepOptions, progress=None) -> Path:
         "seconds": metadata.get("seconds", 0.0),
     }
     compare_options = CompareOptions(paths=options.paths, repeats=options.repeats, warmup=options.warmup,
-                                     backend=options.backend, timeout_s=options.timeout_s)
+                                     backend=options.backend, timeout_s=options.timeout_s,
+                                     dispatch_dtypes=options.dispatch_dtypes, overlap=options.overlap)
     started = time.perf_counter()
     for world_size in dict.fromkeys(spec.world_size for spec in todo):
         backend = resolve_backend(options.backend, world_size)
