@@ -167,3 +167,49 @@ def plot_token_bytes(results, x_values, x_label: str, paths: list[str] | None = 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def plot_paths(result):
+    """Bytes the busiest rank sends per phase, and the slowest rank's time per phase, for every path."""
+    names = [p.path for p in result.paths]
+    fig, (bytes_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.4))
+    left = [0.0] * len(names)
+    for phase in ("metadata", "dispatch", "combine"):
+        values = [max(p.bytes_by_phase(rank)[phase] for rank in range(len(p.records))) / 2**20 for p in result.paths]
+        bytes_ax.barh(names, values, left=left, color=PHASE_COLOURS[phase], label=phase)
+        left = [a + b for a, b in zip(left, values)]
+    bytes_ax.set_xlabel("MiB sent by the busiest rank")
+    bytes_ax.invert_yaxis()
+    bytes_ax.legend(fontsize=7)
+    left = [0.0] * len(names)
+    for phase in PHASE_COLOURS:
+        values = [p.phase_seconds(phase) * 1e3 for p in result.paths]
+        time_ax.barh(names, values, left=left, color=PHASE_COLOURS[phase], label=phase)
+        left = [a + b for a, b in zip(left, values)]
+    time_ax.set_yticks([])
+    time_ax.invert_yaxis()
+    time_ax.set_xlabel(f"ms, median of {result.options.repeats} repeats, slowest rank per phase")
+    time_ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_crossovers(sweep_csv, other: str) -> dict[int, float | None]:
+    """Per tokens per rank in a sweep CSV: the measured locality above which alltoall's
+    communication time beats `other`'s (None when it never does, or always does)."""
+    import csv
+
+    from .costmodel import crossing
+
+    rows = list(csv.DictReader(open(sweep_csv)))
+    result = {}
+    for tokens in sorted({int(row["tokens"]) for row in rows}):
+        curve = {}
+        for row in rows:
+            if int(row["tokens"]) == tokens and row["routing"] == "local" and row["comm_ms"]:
+                curve.setdefault(float(row["locality"]), {})[row["path"]] = float(row["comm_ms"])
+        points = sorted((x, v) for x, v in curve.items() if "alltoall" in v and other in v)
+        if len(points) >= 2:
+            xs = [x for x, _ in points]
+            result[tokens] = crossing(xs, [v["alltoall"] for _, v in points], [v[other] for _, v in points])
+    return result
