@@ -15,23 +15,23 @@ from .routing import Placement, Routing
 
 
 def quick_mode() -> bool:
-    """True when MOE_LAB_QUICK=1: notebooks use small sizes."""
+    """Return True when MOE_LAB_QUICK=1, where notebooks use small sizes."""
     return os.environ.get("MOE_LAB_QUICK", "0") == "1"
 
 
 def pick(full, quick):
-    """`quick` in quick mode, else `full`."""
+    """Return `quick` in quick mode, else `full`."""
     return quick if quick_mode() else full
 
 
 def expert_load(routing: Routing, n_experts: int) -> torch.Tensor:
-    """(ranks, n_experts) int64: how many of each rank's tokens picked each expert."""
+    """Count how many of each rank's tokens picked each expert: (ranks, n_experts) int64."""
     return torch.stack([torch.bincount(ids.reshape(-1).long(), minlength=n_experts) for ids in routing.topk_ids])
 
 
 def plot_expert_load(routing: Routing, placement: Placement, title: str = ""):
-    """Bar chart of tokens per expert, stacked by the rank the tokens come from, with the expert
-    owners shaded: shows which rank holds which experts and where its work comes from."""
+    """Draw tokens per expert, stacked by the rank the tokens come from, on a background shaded by
+    the rank that owns each expert, so a reader sees where each rank's work comes from."""
     load = expert_load(routing, placement.n_experts)  # (ranks, E)
     owner = placement.owner_table()
     colours = plt.get_cmap("tab10")
@@ -54,7 +54,7 @@ def plot_expert_load(routing: Routing, placement: Placement, title: str = ""):
 
 
 def local_share(routing: Routing, placement: Placement) -> list[float]:
-    """Per rank, the share of its (token, expert) pairs whose expert is on that same rank."""
+    """Return, per rank, the share of its (token, expert) pairs whose expert is on that same rank."""
     shares = []
     for rank, ids in enumerate(routing.topk_ids):
         shares.append(float((placement.owner(ids) == rank).float().mean()) if ids.numel() else float("nan"))
@@ -65,8 +65,8 @@ PHASE_COLOURS = {"metadata": "#9467bd", "dispatch": "#1f77b4", "compute": "#bbbb
 
 
 def plot_work_split(routing: Routing, placement: Placement, tokens: int = 24, title: str = ""):
-    """Grid of (token, expert) pairs for the first `tokens` tokens of each rank, coloured by the
-    rank whose expert computes the pair: shows which rank holds which tokens and experts."""
+    """Draw the (token, expert) pairs of the first `tokens` tokens of each rank, coloured by the
+    rank whose expert computes the pair."""
     colours = plt.get_cmap("tab10")
     rows, labels = [], []
     for rank, ids in enumerate(routing.topk_ids):
@@ -98,7 +98,7 @@ def plot_work_split(routing: Routing, placement: Placement, tokens: int = 24, ti
 
 
 def plot_timeline(result, paths: list[str] | None = None):
-    """Per-rank phases of one layer (last repeat), one row per rank and one panel per path."""
+    """Draw the per-rank phases of one layer (last repeat): one row per rank, one panel per path."""
     chosen = [p for p in result.paths if paths is None or p.path in paths]
     n = result.workload.world_size
     fig, axes = plt.subplots(len(chosen), 1, figsize=(9, 0.6 + 0.4 * n * len(chosen)), squeeze=False)
@@ -118,7 +118,7 @@ def plot_timeline(result, paths: list[str] | None = None):
 
 
 def traffic_matrix(path_result, what: tuple[str, ...] | None = None) -> list[list[int]]:
-    """matrix[src][dst]: bytes rank src sent to rank dst in one layer, from the recorded collectives."""
+    """Sum the recorded collectives into matrix[src][dst]: bytes rank src sent to rank dst in one layer."""
     n = len(path_result.records)
     matrix = [[0] * n for _ in range(n)]
     for src, records in enumerate(path_result.records):
@@ -131,7 +131,7 @@ def traffic_matrix(path_result, what: tuple[str, ...] | None = None) -> list[lis
 
 
 def plot_traffic(result, paths: list[str] | None = None):
-    """Bytes from each rank to each rank in one layer, one matrix per path (counted by the kit)."""
+    """Draw the bytes from each rank to each rank in one layer, one matrix per path, as the kit counted them."""
     chosen = [p for p in result.paths if paths is None or p.path in paths]
     fig, axes = plt.subplots(1, len(chosen), figsize=(2.9 * len(chosen), 2.9), squeeze=False)
     matrices = [traffic_matrix(p) for p in chosen]
@@ -153,7 +153,7 @@ def plot_traffic(result, paths: list[str] | None = None):
 
 
 def plot_token_bytes(results, x_values, x_label: str, paths: list[str] | None = None):
-    """Token bytes rank 0 sends per layer (dispatch and combine) against one swept parameter."""
+    """Plot the token bytes rank 0 sends per layer (dispatch and combine) against one swept parameter."""
     from .bytes_model import token_bytes_sent
 
     names = [p.path for p in results[0].paths if paths is None or p.path in paths]
@@ -170,7 +170,7 @@ def plot_token_bytes(results, x_values, x_label: str, paths: list[str] | None = 
 
 
 def plot_paths(result):
-    """Bytes the busiest rank sends per phase, and the slowest rank's time per phase, for every path."""
+    """Draw, for every path, the bytes the busiest rank sends per phase and the slowest rank's time per phase."""
     names = [p.path for p in result.paths]
     fig, (bytes_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.4))
     left = [0.0] * len(names)
@@ -195,7 +195,7 @@ def plot_paths(result):
 
 
 def sweep_crossovers(sweep_csv, other: str) -> dict[int, float | None]:
-    """Per tokens per rank in a sweep CSV: the measured locality above which alltoall's
+    """Find, per tokens per rank in a sweep CSV, the measured locality above which alltoall's
     communication time beats `other`'s (None when it never does, or always does)."""
     import csv
 

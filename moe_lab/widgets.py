@@ -1,7 +1,7 @@
 """The interactive explorer: bytes and predicted time per path as the shape and the link change.
 
 Moving a control only evaluates the byte model and the cost model, which takes well under a
-second; measuring on real ranks runs only when the button is pressed. Drawing uses plain
+second. Measuring on real ranks runs only when the button is pressed. Drawing uses plain
 matplotlib figures, so it works with the inline backend.
 """
 
@@ -47,7 +47,7 @@ class Settings:
 
 
 def available_links(data_dir: Path = REFERENCE_DIR, world_size: int = 2) -> list[str]:
-    """Link presets, and this machine's calibration when `data_dir` has one for `world_size`."""
+    """List the link presets, and this machine's calibration when `data_dir` has one for `world_size`."""
     links = list(LINK_PRESETS)
     if (Path(data_dir) / f"collectives-gloo-{world_size}r.json").is_file():
         links.append("this-machine")
@@ -59,7 +59,7 @@ def load_link(settings: Settings, data_dir: Path = REFERENCE_DIR) -> Link:
 
 
 def model_rows(settings: Settings, data_dir: Path = REFERENCE_DIR) -> list[dict]:
-    """Per variant: bytes the busiest rank sends and predicted communication and compute time."""
+    """Model each variant: bytes the busiest rank sends, and predicted communication and compute time."""
     workload = build_workload(settings.spec())
     link = load_link(settings, data_dir)
     rows = []
@@ -77,7 +77,7 @@ def model_rows(settings: Settings, data_dir: Path = REFERENCE_DIR) -> list[dict]
 
 
 def measured_points(settings: Settings, data_dir: Path = REFERENCE_DIR) -> dict[str, dict]:
-    """Rows of the reference sweep at these settings, by path (empty when the sweep has no such point)."""
+    """Return the reference sweep's rows at these settings, by path (empty when it has no such point)."""
     sweep = Path(data_dir) / "sweep.csv"
     if not sweep.is_file():
         return {}
@@ -105,7 +105,7 @@ def _close(value: str | None, target: float) -> bool:
 
 
 def draw(settings: Settings, data_dir: Path = REFERENCE_DIR, measured: dict[str, dict] | None = None):
-    """Bytes per path, and predicted time per path with measured points overlaid where they exist."""
+    """Draw bytes and predicted time per path, with measured points overlaid where they exist."""
     rows = model_rows(settings, data_dir)
     measured = measured_points(settings, data_dir) if measured is None else measured
     link = load_link(settings, data_dir)
