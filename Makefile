@@ -1,4 +1,4 @@
-.PHONY: install test compare reference figures targets
+.PHONY: install test compare reference figures targets variants
 
 REFERENCE := data/reference
 
@@ -21,6 +21,7 @@ reference:
 	python -m moe_lab sweep --out $(REFERENCE) --tokens 16 --locality 0.5 --top-k 2,6 --dtype float32,bfloat16
 	python -m moe_lab compare --tokens 64 --json --out $(REFERENCE)/runs > $(REFERENCE)/layer-gate-2r.json
 	python -m moe_lab targets --out $(REFERENCE)/targets.json | tee $(REFERENCE)/targets.txt
+	$(MAKE) variants
 	python -m moe_lab figures --data $(REFERENCE) --out figures | tee $(REFERENCE)/figures.txt
 
 figures:
@@ -28,3 +29,10 @@ figures:
 
 targets:
 	python -m moe_lab targets
+
+# Deduplication and compressed dispatch on 2 and 4 ranks, and overlap against the same paths
+# without it, each measured side by side in one run (part of `reference`).
+variants:
+	python -m moe_lab compare --paths allgather_reducescatter,alltoall,alltoall_dedup --dispatch-dtype bfloat16,fp8 --out $(REFERENCE)/runs | tee $(REFERENCE)/variants-2r.txt
+	python -m moe_lab compare --world-size 4 --paths allgather_reducescatter,alltoall,alltoall_dedup --dispatch-dtype bfloat16,fp8 --repeats 3 --out $(REFERENCE)/runs | tee $(REFERENCE)/variants-4r.txt
+	python -m moe_lab compare --tokens 256 --paths allgather_reducescatter,alltoall,alltoall_dedup --overlap --repeats 10 --out $(REFERENCE)/runs | tee $(REFERENCE)/overlap-2r.txt
