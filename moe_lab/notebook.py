@@ -195,8 +195,12 @@ def plot_paths(result):
 
 
 def sweep_crossovers(sweep_csv, other: str) -> dict[int, float | None]:
-    """Find, per tokens per rank in a sweep CSV, the measured locality above which alltoall's
-    communication time beats `other`'s (None when it never does, or always does)."""
+    """Find, per tokens per rank in a sweep CSV, the measured locality above which alltoall's time
+    inside collectives beats `other`'s (None when it never does, or always does).
+
+    Time inside collectives (each call timed by the last rank to arrive) leaves out waiting
+    for the other rank's experts, as `python -m moe_lab figures` does for its crossovers.
+    """
     import csv
 
     from .costmodel import crossing
@@ -206,8 +210,8 @@ def sweep_crossovers(sweep_csv, other: str) -> dict[int, float | None]:
     for tokens in sorted({int(row["tokens"]) for row in rows}):
         curve = {}
         for row in rows:
-            if int(row["tokens"]) == tokens and row["routing"] == "local" and row["comm_ms"]:
-                curve.setdefault(float(row["locality"]), {})[row["path"]] = float(row["comm_ms"])
+            if int(row["tokens"]) == tokens and row["routing"] == "local" and row["collective_ms"]:
+                curve.setdefault(float(row["locality"]), {})[row["path"]] = float(row["collective_ms"])
         points = sorted((x, v) for x, v in curve.items() if "alltoall" in v and other in v)
         if len(points) >= 2:
             xs = [x for x, _ in points]

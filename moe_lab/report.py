@@ -15,6 +15,8 @@ TARGET_LOCAL_TOKEN_SHARE = 0.01
 TARGET_LOCAL_SPEEDUP = 5.0
 TARGET_MODEL_ERROR = 0.25
 
+PATH_WIDTH = 36  # room for variant labels such as allgather_reducescatter+fp8+overlap
+
 
 def _bytes(value) -> str:
     if value is None:
@@ -82,13 +84,13 @@ def format_model_bytes(result: CompareResult) -> str:
         "byte model per rank (all phases): payload handed to collectives, wire bytes sent and received by the model, "
         "sent as counted by the communicator, and written to sockets as the OS measured (gloo only; the OS cannot "
         "count gloo's received bytes)",
-        f"{'path':<24}{'rank':>5}{'payload':>12}{'model sent':>12}{'model recv':>12}{'counted':>12}{'OS sent':>12}{'OS - model':>12}",
+        f"{'path':<{PATH_WIDTH}}{'rank':>5}{'payload':>12}{'model sent':>12}{'model recv':>12}{'counted':>12}{'OS sent':>12}{'OS - model':>12}",
     ]
     for path in result.paths:
         try:
             transfers = path_transfers(path.base_path, result.workload, result.backend, path.options)
         except KeyError:
-            lines.append(f"{path.path:<24} (no byte model for this path)")
+            lines.append(f"{path.path:<{PATH_WIDTH}} (no byte model for this path)")
             continue
         payload = per_rank_by_phase(transfers, n, "payload")
         sent = per_rank_by_phase(transfers, n, "sent")
@@ -99,7 +101,7 @@ def format_model_bytes(result: CompareResult) -> str:
             os_sent = None if any(value is None for value in os_phases) else sum(os_phases)
             model_sent = sum(sent[rank].values())
             lines.append(
-                f"{path.path if rank == 0 else '':<24}{rank:>5}{_bytes(sum(payload[rank].values())):>12}{_bytes(model_sent):>12}"
+                f"{path.path if rank == 0 else '':<{PATH_WIDTH}}{rank:>5}{_bytes(sum(payload[rank].values())):>12}{_bytes(model_sent):>12}"
                 f"{_bytes(sum(received[rank].values())):>12}{_bytes(counted):>12}{_bytes(os_sent):>12}"
                 f"{'n/a' if os_sent is None else _bytes(os_sent - model_sent):>12}"
             )
@@ -113,7 +115,7 @@ def format_spread_table(result: CompareResult) -> str:
         f"times in ms, median [p10, p90] over {repeats} repeats of the slowest rank; collectives = time inside the "
         f"collective calls (each call timed by the last rank to arrive); GFLOP/s = expert FLOPs of all ranks over "
         f"their median compute times",
-        f"{'path':<24}" + "".join(f"{phase:>22}" for phase in ("metadata", "dispatch", "compute", "combine", "total", "collectives"))
+        f"{'path':<{PATH_WIDTH}}" + "".join(f"{phase:>22}" for phase in ("metadata", "dispatch", "compute", "combine", "total", "collectives"))
         + f"{'GFLOP/s':>10}",
     ]
     for path in result.paths:
@@ -126,7 +128,7 @@ def format_spread_table(result: CompareResult) -> str:
         collective = path.collective_spread()
         cells.append("n/a" if collective is None else f"{collective.median * 1e3:.2f} [{collective.p10 * 1e3:.2f},{collective.p90 * 1e3:.2f}]")
         rate = measured_compute_rate(path, result.workload)
-        lines.append(f"{path.path:<24}" + "".join(f"{cell:>22}" for cell in cells) + f"{rate / 1e9:>10.2f}")
+        lines.append(f"{path.path:<{PATH_WIDTH}}" + "".join(f"{cell:>22}" for cell in cells) + f"{rate / 1e9:>10.2f}")
     return "\n".join(lines)
 
 
@@ -158,12 +160,12 @@ def format_predictions(result: CompareResult, link: Link) -> str:
         f"cost model ({link.name}, {kind}: {link.description}) against this run; ms",
         "comm: all collective calls (measured: time inside them, each timed by the last rank to arrive, median and p10 "
         "over repeats); phases: metadata + dispatch + combine of the slowest rank, local work included",
-        f"{'path':<24}{'predicted comm':>16}{'measured comm':>15}{'p10':>9}{'ratio':>8}{'phases':>10}{'predicted compute':>19}{'measured compute':>18}",
+        f"{'path':<{PATH_WIDTH}}{'predicted comm':>16}{'measured comm':>15}{'p10':>9}{'ratio':>8}{'phases':>10}{'predicted compute':>19}{'measured compute':>18}",
     ]
     for row in prediction_rows(result, link):
         ratio = "n/a" if row["comm_ratio"] is None else f"{row['comm_ratio']:.2f}"
         lines.append(
-            f"{row['path']:<24}{_ms(row['predicted_comm_s']):>16}{_ms(row['measured_comm_s']):>15}{_ms(row['measured_comm_p10_s']):>9}{ratio:>8}"
+            f"{row['path']:<{PATH_WIDTH}}{_ms(row['predicted_comm_s']):>16}{_ms(row['measured_comm_s']):>15}{_ms(row['measured_comm_p10_s']):>9}{ratio:>8}"
             f"{_ms(row['measured_phases_s']):>10}{_ms(row['predicted_compute_s']):>19}{_ms(row['measured_compute_s']):>18}"
         )
     return "\n".join(lines)

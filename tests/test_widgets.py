@@ -38,7 +38,7 @@ def test_full_locality_alltoall_sends_counts_only():
 
 
 def _write_sweep(path, rows):
-    fields = ["world_size", "tokens", "routing", "locality", "top_k", "dtype", "path", "sent_total_bytes", "comm_ms"]
+    fields = ["world_size", "tokens", "routing", "locality", "top_k", "dtype", "path", "sent_total_bytes", "comm_ms", "collective_ms"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -67,7 +67,7 @@ def test_sweep_crossovers(tmp_path):
     for locality, alltoall_ms in (("0", "4.0"), ("0.5", "2.0"), ("1", "0.5")):
         for path, ms in (("alltoall", alltoall_ms), ("allreduce", "1.0")):
             rows.append({"world_size": "2", "tokens": "8", "routing": "local", "locality": locality, "top_k": "6",
-                         "dtype": "float32", "path": path, "sent_total_bytes": "1", "comm_ms": ms})
+                         "dtype": "float32", "path": path, "sent_total_bytes": "1", "comm_ms": "99", "collective_ms": ms})
     _write_sweep(tmp_path / "sweep.csv", rows)
     crossover = sweep_crossovers(tmp_path / "sweep.csv", "allreduce")[8]
     assert abs(crossover - (0.5 + 0.5 * 1.0 / 1.5)) < 1e-9
