@@ -69,14 +69,19 @@ class ProgressBoard:
         for _ in range(1000):
             seq = slot.seq
             if seq % 2:
-                continue
-            progress = RankProgress(
-                slot.collectives, slot.label.decode(errors="replace") or "setup",
-                slot.collective.decode(errors="replace"), slot.last_seen,
-            )
+                continue  # the rank is writing
+            progress = self._snapshot(slot)
             if slot.seq == seq:
                 return progress
-        return progress  # a rank died mid-write: the fields are still the best guess
+        # The rank was paused or died mid-write (or kept writing): the fields are still the best guess.
+        return self._snapshot(slot)
+
+    @staticmethod
+    def _snapshot(slot) -> RankProgress:
+        return RankProgress(
+            slot.collectives, slot.label.decode(errors="replace") or "setup",
+            slot.collective.decode(errors="replace"), slot.last_seen,
+        )
 
 
 class RankMonitor:

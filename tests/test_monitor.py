@@ -141,3 +141,13 @@ def test_failure_all_ranks_in_same_collective():
     assert "NCCL_P2P_DISABLE" not in gloo.message
     nccl = find_failure(states, timeout_s=5, now=300.0, backend="nccl")
     assert "NCCL_P2P_DISABLE=1 (compare --no-p2p)" in nccl.message
+
+
+def test_read_while_rank_mid_write():
+    """A rank paused between the two sequence increments must not break the parent's read."""
+    board = ProgressBoard(torch_mp.get_context("spawn"), 2)
+    board.write(1, 3, "alltoall/dispatch", "all_to_all_single of tokens")
+    board.slots[1].seq += 1  # as if the rank stopped halfway through its next write
+    progress = board.read(1)
+    assert progress.collectives == 3
+    assert progress.label == "alltoall/dispatch"
