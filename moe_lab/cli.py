@@ -370,7 +370,10 @@ def cmd_env(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m moe_lab", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_lab",
+        description="Measure how a Mixture-of-Experts layer moves tokens between ranks under expert parallelism.",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_compare_parser(subparsers)
     add_trace_parser(subparsers)
