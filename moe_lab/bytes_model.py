@@ -192,7 +192,7 @@ def alltoall_dedup_transfers(workload: Workload, backend: str, options: PathOpti
 def _all_to_all_transfers(
     workload: Workload, rows: list[list[int]], row_metadata: list[tuple[str, int]], options: PathOptions
 ) -> list[Transfer]:
-    """The calls of the all-to-all paths: rows[src][dst] rows go out with their metadata, results come back."""
+    """List the calls of the all-to-all paths: rows[src][dst] rows go out with their metadata, results come back."""
     n = workload.world_size
     back = [[rows[src][dst] for src in range(n)] for dst in range(n)]  # combine: back[dst][src]
     ones = [[1] * n for _ in range(n)]
@@ -242,7 +242,7 @@ def path_transfers(path: str, workload: Workload, backend: str, options: PathOpt
 
 
 def chunk_workloads(workload: Workload, chunks: int) -> list[Workload]:
-    """The workload cut into `chunks` pieces as the overlapped paths cut it: piece c of every rank."""
+    """Cut the workload into `chunks` pieces as the overlapped paths cut it: piece c of every rank."""
     bounds = [chunk_bounds(tokens, chunks) for tokens in workload.tokens_per_rank]
     pieces = []
     for chunk in range(chunks):

@@ -29,8 +29,8 @@ COMM_PHASES = ("metadata", "dispatch", "combine")
 # Largest allowed max|path - reference| / max|reference| per dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # Compressed dispatch rounds the tokens on the wire, and results come back in bfloat16. e4m3 keeps
-# 3 mantissa bits, so each element may be off by 1/16 of its value; the fp8 bound allows twice
-# that, since a narrow expert can amplify it (hidden 16 with one token reaches 0.077).
+# 3 mantissa bits, so each element may be off by 1/16 of its value. The fp8 bound allows twice
+# that, because a narrow expert can amplify it (hidden 16 with one token reaches 0.077).
 DISPATCH_TOLERANCE = {"bfloat16": 2e-2, "fp8": 0.125}
 
 
@@ -67,7 +67,7 @@ class CompareOptions:
 
 
 def expand_variants(options: CompareOptions) -> tuple[Variant, ...]:
-    """The plain paths, then their dispatch-dtype and overlap variants, path by path."""
+    """List the plain paths, then their dispatch-dtype and overlap variants, path by path."""
     variants = []
     for name in options.paths:
         path = get_path(name)
@@ -215,7 +215,7 @@ def local_layer(workload: Workload, rank: int, device: torch.device) -> LocalLay
 def compare_rank(
     ctx: RankContext, specs: tuple[WorkloadSpec, ...], variants: tuple[Variant, ...], repeats: int, warmup: int
 ) -> list[dict]:
-    """One rank's side of `compare`, for each workload in turn: one launch serves many checks."""
+    """Measure every workload in turn on this rank, so one launch of ranks serves many checks."""
     return [measure_workload(ctx, spec, variants, repeats, warmup) for spec in specs]
 
 
@@ -261,7 +261,7 @@ def measure_workload(
 
 
 def reference_output(workload: Workload) -> torch.Tensor:
-    """The whole batch through the single-process reference, (T, H)."""
+    """Run the whole batch through the single-process reference: (T, H)."""
     experts, shared = layer_weights(workload, list(range(workload.cfg.n_experts)))
     ids, weights = workload.routing.concat()
     return reference_forward(torch.cat(workload.hidden), ids, weights, experts, shared)

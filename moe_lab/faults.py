@@ -111,7 +111,7 @@ def parse_fault(text: str | None) -> FaultSpec | None:
 
 
 def fault_from_environment(env: dict[str, str] | None = None) -> FaultSpec | None:
-    """The fault that MOE_LAB_FAULT in `env` (default: this process's environment) requests."""
+    """Return the fault that MOE_LAB_FAULT in `env` (default: this process's environment) requests."""
     return parse_fault((os.environ if env is None else env).get(FAULT_ENV))
 
 

@@ -89,7 +89,7 @@ class RankError(RuntimeError):
 
 @dataclass(frozen=True)
 class RankContext:
-    """What a rank function gets: who it is and where its tensors live."""
+    """The context a rank function receives: its rank, the world size, the backend and its device."""
 
     rank: int
     world_size: int

@@ -1,6 +1,6 @@
 """The DeepSeek-V2 MoE math: gate, SwiGLU experts, shared experts and the single-process reference.
 
-Nothing here knows about ranks or collectives, so the reference and every communication path
+Nothing here depends on ranks or collectives, so the reference and every communication path
 run exactly the same expert code.
 """
 
@@ -98,7 +98,7 @@ def grouped_expert_forward(
 ) -> torch.Tensor:
     """Run each row of x through its local expert, one matmul chain per expert.
 
-    x is (N, H) and local_expert (N,) holds indices into `experts`. Rows are sorted by expert
+    x is (N, H) and local_expert (N,) contains indices into `experts`. Rows are sorted by expert
     so each expert sees one contiguous block; the result comes back in the input's row order.
     An expert with no rows is skipped.
     """
@@ -141,7 +141,7 @@ def reference_forward(
     experts: ExpertWeights,
     shared: SharedExpertWeights | None,
 ) -> torch.Tensor:
-    """The MoE layer in one process with every expert: the answer each path must reproduce.
+    """The MoE layer in one process with every expert: the output each path must reproduce.
 
     hidden (T, H); topk_ids and topk_weights (T, k); `experts` must hold all routed experts in
     global order. Weighted sums accumulate in float32 and the result is cast to hidden's dtype.

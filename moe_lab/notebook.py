@@ -68,6 +68,8 @@ def plot_work_split(routing: Routing, placement: Placement, tokens: int = 24, ti
     """Draw the (token, expert) pairs of the first `tokens` tokens of each rank, coloured by the
     rank whose expert computes the pair."""
     colours = plt.get_cmap("tab10")
+
+    # One row per shown token: the owner rank of each chosen expert, -1 elsewhere.
     rows, labels = [], []
     for rank, ids in enumerate(routing.topk_ids):
         for t in range(min(tokens, ids.shape[0])):
@@ -75,15 +77,18 @@ def plot_work_split(routing: Routing, placement: Placement, tokens: int = 24, ti
             row[ids[t].long()] = placement.owner(ids[t])
             rows.append(row)
             labels.append(rank)
-    grid = torch.stack(rows).float()  # (shown tokens, E): owner rank of each chosen expert, -1 elsewhere
+    grid = torch.stack(rows).float()  # (shown tokens, E)
     image = torch.ones(*grid.shape, 3)
     for rank in range(placement.world_size):
         image[grid == rank] = torch.tensor(colours(rank)[:3], dtype=torch.float32)
+
     fig, ax = plt.subplots(figsize=(10, 0.12 * len(rows) + 1.2))
     ax.imshow(image, aspect="auto", interpolation="nearest")
     boundaries = [i for i in range(1, len(labels)) if labels[i] != labels[i - 1]]
     for boundary in boundaries:
         ax.axhline(boundary - 0.5, color="black", linewidth=1)
+
+    # Label each block of rows with the rank that owns those tokens.
     starts = [0] + boundaries
     ends = boundaries + [len(labels)]
     ax.set_yticks([(a + b - 1) / 2 for a, b in zip(starts, ends)])

@@ -224,7 +224,7 @@ def git_commit() -> str | None:
 
 
 def environment(backend: str, rank_env: dict[str, str] | None = None) -> dict:
-    """The run's software and hardware; `rank_env` contains variables set for the ranks only."""
+    """Describe the run's software and hardware; `rank_env` contains variables set for the ranks only."""
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     rank_env = rank_env or {}
     return {

@@ -3,8 +3,8 @@
 It lets the tests, and readers without a downloaded checkpoint, try loading a layer and
 recording a trace. Nothing is downloaded: the model has random weights and the tokenizer is
 trained here on a few sentences. Layer 0 is dense, layers 1 and 2 are MoE layers with 8
-experts, top-2, and two shared experts. Routing from random weights says nothing about a real
-model; it only exercises the pipeline.
+experts, top-2, and two shared experts. Routing from random weights tells nothing about a real
+model, so it only exercises the pipeline.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def build_model(seed: int = 0):
 
 
 def build_tokenizer():
-    """A word-level tokenizer trained on SENTENCES, wrapped as a transformers fast tokenizer."""
+    """Train a word-level tokenizer on SENTENCES and wrap it as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -45,7 +45,7 @@ def test_local_experts_only_moves_no_tokens(case_results):
 
 
 @pytest.mark.parametrize("name", ["alltoall", "alltoall_dedup"])
-def test_rank_gets_no_tokens_sends_none_to_rank_1(case_results, name):
+def test_idle_expert_rank_gets_no_rows(case_results, name):
     alltoall = next(p for p in case_results["rank_gets_no_tokens"].paths if p.path == name)
     assert token_bytes_sent(alltoall.records[0], phase="dispatch") == 0
     assert token_bytes_sent(alltoall.records[1], phase="combine") == 0

@@ -31,10 +31,13 @@ def test_compare_json_tiny(tmp_path):
         assert path["rel_error"] <= 1e-5
         assert path["repeats"] == 2
         assert len(path["per_rank"]) == 2
-        assert path["sent_total_bytes"] > 0 and path["os_sent_total_bytes"] >= path["sent_total_bytes"]
+        assert path["sent_total_bytes"] > 0
+        assert path["os_sent_total_bytes"] >= path["sent_total_bytes"]
     metadata = document["metadata"]
-    assert metadata["environment"]["torch"] and metadata["environment"]["backend"] == "gloo"
-    assert metadata["config"]["name"] == "tiny" and metadata["workload"]["seed"] == 0
+    assert metadata["environment"]["torch"]
+    assert metadata["environment"]["backend"] == "gloo"
+    assert metadata["config"]["name"] == "tiny"
+    assert metadata["workload"]["seed"] == 0
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".csv", ".json"]
 
 

@@ -16,8 +16,10 @@ from moe_lab.wire import binomial_children
 def test_deepseek_preset_shape():
     cfg = PRESETS["deepseek-v2-lite"]
     assert (cfg.hidden, cfg.moe_intermediate, cfg.n_experts, cfg.top_k, cfg.n_shared_experts) == (2048, 1408, 64, 6, 2)
-    assert cfg.scoring_func == "softmax" and cfg.topk_method == "greedy"
-    assert cfg.norm_topk_prob is False and cfg.routed_scaling_factor == 1.0
+    assert cfg.scoring_func == "softmax"
+    assert cfg.topk_method == "greedy"
+    assert cfg.norm_topk_prob is False
+    assert cfg.routed_scaling_factor == 1.0
 
 
 def test_hf_config_loads(tmp_path):
@@ -89,9 +91,9 @@ def test_grouped_forward_matches_row_loop():
     cfg = PRESETS["tiny"]
     experts = init_experts(cfg, list(range(cfg.n_experts)), seed=3, dtype=torch.float32)
     x = torch.randn(20, cfg.hidden)
-    which = torch.tensor([5, 0, 0, 7, 5, 1, 1, 1, 2, 3, 3, 4, 0, 6, 6, 5, 2, 2, 7, 0])
-    out = grouped_expert_forward(x, which, experts)
-    for row, expert in enumerate(which.tolist()):
+    expert_of_row = torch.tensor([5, 0, 0, 7, 5, 1, 1, 1, 2, 3, 3, 4, 0, 6, 6, 5, 2, 2, 7, 0])
+    out = grouped_expert_forward(x, expert_of_row, experts)
+    for row, expert in enumerate(expert_of_row.tolist()):
         expected = swiglu(x[row : row + 1], experts.w_gate[expert], experts.w_up[expert], experts.w_down[expert])
         torch.testing.assert_close(out[row : row + 1], expected)
 
@@ -100,7 +102,8 @@ def test_expert_weights_independent_of_subset():
     cfg = PRESETS["tiny"]
     everything = init_experts(cfg, list(range(8)), seed=5, dtype=torch.float32)
     some = init_experts(cfg, [6, 2], seed=5, dtype=torch.float32)
-    assert torch.equal(some.w_up[0], everything.w_up[6]) and torch.equal(some.w_down[1], everything.w_down[2])
+    assert torch.equal(some.w_up[0], everything.w_up[6])
+    assert torch.equal(some.w_down[1], everything.w_down[2])
 
 
 @pytest.mark.parametrize("kind", ["contiguous", "round_robin"])

@@ -1,6 +1,6 @@
 """Workshop exercise checks: each runs the attendee's function on real ranks or against the reference.
 
-Every check returns a `CheckResult`, which is true when the attendee's code is right; its message
+Every check returns a `CheckResult`, which is true when the attendee's code is right. Its message
 states what was wrong and what to look at when it is not.
 """
 

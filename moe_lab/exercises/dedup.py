@@ -26,14 +26,14 @@ def check_dedup(rows_per_destination) -> CheckResult:
             return failure
         source_token, destination = (torch.as_tensor(v) for v in value)
         expected = {(t, int(r)) for t in range(topk_ids.shape[0]) for r in owner[topk_ids[t]].unique()}
-        given = list(zip(source_token.tolist(), destination.tolist()))
-        if len(given) != len(set(given)):
+        returned_pairs = list(zip(source_token.tolist(), destination.tolist()))
+        if len(returned_pairs) != len(set(returned_pairs)):
             return CheckResult(False, f"on rank {rank}, some (token, rank) pair appears twice: each token goes to a rank at most once")
-        if set(given) != expected:
-            missing = sorted(expected - set(given))[:3]
-            extra = sorted(set(given) - expected)[:3]
+        if set(returned_pairs) != expected:
+            missing = sorted(expected - set(returned_pairs))[:3]
+            extra = sorted(set(returned_pairs) - expected)[:3]
             return CheckResult(False, f"on rank {rank}, missing pairs {missing}, unexpected pairs {extra}")
-        if given != sorted(given, key=lambda pair: (pair[1], pair[0])):
+        if returned_pairs != sorted(returned_pairs, key=lambda pair: (pair[1], pair[0])):
             return CheckResult(False, f"on rank {rank}, sort the rows by destination rank, then by token")
 
     outcome = run_with_user_step(CHECK_SPEC, "alltoall_dedup", "rows", rows_per_destination)

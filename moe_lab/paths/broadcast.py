@@ -41,7 +41,7 @@ from .base import (
 
 
 def exchange_counts(comm: RecordingComm, tokens: int) -> list[int]:
-    """Every rank's token count, via an all_gather of one int64 (metadata phase)."""
+    """Exchange every rank's token count with an all_gather of one int64 (metadata phase)."""
     with comm.phase("metadata"):
         counts = comm.all_gather(torch.tensor([tokens], dtype=torch.int64, device=comm.device), what="counts")
         return counts.tolist()  # host sync
